@@ -1,0 +1,51 @@
+"""EMATeacher: the Mean Teacher's teacher as an exponential moving average of the student's parameters."""
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import torch
+
+from lightning_modules.losses import ema_alpha
+
+
+class EMATeacher(L.Callback):
+    """Creates ``pl_module.teacher`` (a frozen deep copy of ``pl_module.net``) and updates it after every
+    optimizer step: theta_T <- alpha_t theta_T + (1 - alpha_t) theta_S, alpha_t = min(1 - 1/(t+1), decay),
+    t = the index of the optimizer step just taken (mean_teacher.md sec. 1 step 7).
+
+    Only parameters are averaged; the teacher's BatchNorm buffers evolve from its own train-mode forwards,
+    as in both published codes. The teacher is a registered submodule, so its weights travel with the
+    module's state dict (checkpoints, devices, DDP); the callback's own state is the last step it applied.
+    """
+
+    def __init__(self, decay: float = 0.99):
+        self.decay = decay
+        self.last_step = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Created for every stage so a checkpoint holding teacher weights loads strictly in validate/test too.
+        if getattr(pl_module, "teacher", None) is None:
+            teacher = copy.deepcopy(pl_module.net)
+            teacher.requires_grad_(False)
+            pl_module.teacher = teacher
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step - 1  # global_step already counts the step just taken
+        if step <= self.last_step:  # gradient accumulation: no optimizer step on this batch
+            return
+        self.last_step = step
+        self.update(pl_module.teacher, pl_module.net, ema_alpha(step, self.decay))
+
+    @staticmethod
+    @torch.no_grad()
+    def update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
+        """One vectorised EMA step: theta_T <- theta_T + (1 - alpha) (theta_S - theta_T)."""
+        torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1.0 - alpha)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.decay = state_dict["decay"]
+        self.last_step = state_dict["last_step"]

@@ -1,0 +1,27 @@
+"""PredictionWriter: `lemis predict` writes one label map per case into the run directory."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``<run dir>/predictions/<case>.h5`` (key ``prediction``, uint8, the case's own shape) for
+    every predicted case, atomically (temp file, then rename), so an interrupted run leaves no half file."""
+
+    def __init__(self, folder: str = "predictions"):
+        super().__init__(write_interval="batch")
+        self.folder = folder
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx=0) -> None:
+        out = Path(trainer.log_dir or ".") / self.folder
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{prediction['case']}.h5"
+        tmp = path.with_suffix(".h5.tmp")
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("prediction", data=prediction["prediction"].numpy(), compression="gzip")
+        os.replace(tmp, path)

@@ -1,0 +1,292 @@
+"""SegmentationDataModule: split lists, label budget, the two training streams, whole-case evaluation loaders.
+
+A subclass says where its files are and how one training sample / one evaluation case is made; this class
+checks every file before training (missing file, unreadable h5, missing key, labels outside ``num_classes``:
+one ``DataError`` naming the path), applies the label budget and builds the loaders.
+
+Training batches: one plain stream ``{"image", "label", "case"}`` when ``labeled_batch_size`` is unset (or
+equals ``batch_size``), else ``{"labeled": ..., "unlabeled": ...}`` from a ``CombinedLoader`` in
+``max_size_cycle`` mode (the shorter stream cycles, as SSL4MIS's TwoStreamBatchSampler cycles labeled
+permutations against an endless unlabeled stream). Evaluation yields one whole case per batch:
+``{"image": [1, C, *S], "label": [1, *S], "case": [id], "spacing": [tuple | None]}``.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.errors import ConfigError, DataError
+
+SPLIT_RULES = ("first", "random")
+
+
+def read_list(path: Path) -> list[str]:
+    """Non-empty stripped lines of a split list file."""
+    if not path.is_file():
+        raise DataError(f"split list {path} not found.")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_h5(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The named datasets of an h5 file (plus its attributes under ``"attrs"``), with one-sentence errors."""
+    if not path.is_file():
+        raise DataError(f"missing file {path}.")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in keys if k not in f]
+            if missing:
+                raise DataError(f"{path} has no key {missing[0]!r} (it has {sorted(f.keys())}).")
+            out = {k: f[k][()] for k in keys}
+            out["attrs"] = dict(f.attrs)
+            return out
+    except DataError:
+        raise
+    except Exception as err:  # h5py raises OSError/KeyError/RuntimeError variants for damaged files
+        raise DataError(f"cannot read {path} as HDF5 (corrupt or truncated file: {type(err).__name__}).") from None
+
+
+def check_label(label: np.ndarray, num_classes: int, path: Path) -> None:
+    """Labels must be integers in [0, num_classes)."""
+    low, high = int(label.min()), int(label.max())
+    if low < 0 or high >= num_classes:
+        bad = sorted(int(v) for v in np.unique(label) if v < 0 or v >= num_classes)
+        raise DataError(f"{path} has label values {bad} outside 0..{num_classes - 1} (data.num_classes={num_classes}).")
+
+
+def select_labeled(groups: list[str], budget: int | float, rule: str = "first", seed: int = 0) -> list[str]:
+    """The labeled groups (patients / cases) of a budget, from ``groups`` in order of first appearance.
+
+    budget: a count, or a fraction in (0, 1) of the groups. rule ``first``: the first N groups in file order
+    (reproduces SSL4MIS's 3 -> 68 and 7 -> 136 slices); ``random``: N groups drawn with ``seed``.
+    """
+    if rule not in SPLIT_RULES:
+        raise ConfigError(f"data.split_rule must be one of {SPLIT_RULES}, got {rule!r}.")
+    unique = list(dict.fromkeys(groups))
+    n = round(budget * len(unique)) if isinstance(budget, float) and 0 < budget < 1 else int(budget)
+    if not 1 <= n <= len(unique):
+        raise ConfigError(f"data.labeled={budget} is impossible: between 1 and {len(unique)} "
+                          f"(the number of training patients/cases available) are needed.")
+    if rule == "first":
+        return unique[:n]
+    return random.Random(seed).sample(unique, n)
+
+
+class SampleDataset(Dataset):
+    """Items read by ``load(item) -> dict`` and turned into tensors by ``make(sample) -> dict``."""
+
+    def __init__(self, items: list[str], load: Callable[[str], dict], make: Callable[[dict], dict]):
+        self.items, self.load, self.make = items, load, make
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.make(self.load(self.items[index]))
+
+
+def collate_case(batch: list[dict]) -> dict:
+    """One whole case per batch: tensors get a batch axis, everything else becomes a one-item list."""
+    (case,) = batch
+    return {k: v[None] if isinstance(v, torch.Tensor) else [v] for k, v in case.items()}
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Common options of every segmentation DataModule (see spec/datasets.md).
+
+    Args:
+        root: dataset folder in its community layout.
+        num_classes: K, background included; every label read is checked against it.
+        labeled: label budget (patients/cases, or a fraction).
+        split_rule, split_seed: ``first`` (published) or ``random`` with a seed.
+        batch_size: total training batch; labeled_batch_size: its labeled part (unset: labeled-only stream).
+        patch_size: training patch (2D slice size or 3D crop).
+        val_list, test_list, predict_list: evaluation lists (file names relative to ``root``).
+        present: optional list file of the ids whose files exist; others are skipped (and counted in the log).
+        num_workers: loader workers; cache: decode every file once into memory at setup.
+    """
+
+    class_names: tuple[str, ...] = ()
+    train_list: str = ""
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int,
+        labeled: int | float,
+        split_rule: str = "first",
+        split_seed: int = 0,
+        batch_size: int = 24,
+        labeled_batch_size: int | None = None,
+        patch_size: tuple[int, ...] = (256, 256),
+        val_list: str = "val.list",
+        test_list: str = "test.list",
+        predict_list: str | None = None,
+        present: str | None = None,
+        num_workers: int = 2,
+        cache: bool = True,
+    ):
+        super().__init__()
+        self.root = Path(root)
+        self.num_classes = num_classes
+        self.labeled, self.split_rule, self.split_seed = labeled, split_rule, split_seed
+        self.batch_size, self.labeled_batch_size = batch_size, labeled_batch_size
+        self.patch_size = tuple(patch_size)
+        self.lists = {"val": val_list, "test": test_list, "predict": predict_list or test_list}
+        self.present = present
+        self.num_workers, self.cache = num_workers, cache
+        self._cache: dict[tuple[Path, tuple], dict] = {}
+        self.datasets: dict[str, Dataset] = {}
+        self._check_streams()
+
+    # ---- what a subclass provides -----------------------------------------------------------------------------
+    def train_units(self) -> list[tuple[str, str]]:
+        """(group, item) pairs of the training set in file order; the budget counts groups."""
+        raise NotImplementedError
+
+    def train_path(self, item: str) -> Path:
+        raise NotImplementedError
+
+    def case_path(self, case: str) -> Path:
+        raise NotImplementedError
+
+    def train_sample(self, data: dict, item: str) -> dict:
+        """Augmented tensors of one training item: {"image": [C, *P], "label": [*P] (if read), "case"}."""
+        raise NotImplementedError
+
+    def eval_case(self, data: dict, case: str) -> dict:
+        """Tensors of one whole case: {"image": [C, *S], "label": [*S], "case", "spacing"}."""
+        raise NotImplementedError
+
+    # ---- streams and budget -----------------------------------------------------------------------------------
+    @property
+    def two_streams(self) -> bool:
+        return self.labeled_batch_size is not None and self.labeled_batch_size != self.batch_size
+
+    def _check_streams(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}.")
+        if self.labeled_batch_size is not None and not 1 <= self.labeled_batch_size <= self.batch_size:
+            raise ConfigError(f"data.labeled_batch_size={self.labeled_batch_size} must be between 1 and "
+                              f"data.batch_size={self.batch_size}.")
+
+    def _present_filter(self, ids: list[str], list_name: str) -> list[str]:
+        if self.present is None:
+            return ids
+        present = set(read_list(self.root / self.present))
+        kept = [i for i in ids if i in present]
+        if len(kept) < len(ids):
+            rank_zero_info(f"lemis: {list_name}: skipped {len(ids) - len(kept)} of {len(ids)} ids "
+                           f"not in {self.present}.")
+        return kept
+
+    def split(self) -> tuple[list[str], list[str], list[str]]:
+        """(labeled groups, labeled items, unlabeled items) after the budget."""
+        units = self.train_units()
+        groups = select_labeled([g for g, _ in units], self.labeled, self.split_rule, self.split_seed)
+        chosen = set(groups)
+        labeled = [item for g, item in units if g in chosen]
+        unlabeled = [item for g, item in units if g not in chosen]
+        return groups, labeled, unlabeled
+
+    # ---- reading (checked, optionally cached) --------------------------------------------------------------
+    def _read(self, path: Path, keys: tuple[str, ...]) -> dict:
+        key = (path, keys)
+        if key in self._cache:
+            return self._cache[key]
+        data = read_h5(path, keys)
+        if "label" in keys:
+            check_label(data["label"], self.num_classes, path)
+        if self.cache:
+            self._cache[key] = data
+        return data
+
+    def _reader(self, path_of: Callable[[str], Path], keys: tuple[str, ...]) -> Callable[[str], dict]:
+        return lambda item: self._read(path_of(item), keys)
+
+    def _checked(self, items: list[str], path_of: Callable[[str], Path], keys: tuple[str, ...]) -> list[str]:
+        """Read every file once before training so bad input fails now, not at step 10,000."""
+        for item in items:
+            data = self._read(path_of(item), keys)
+            if not self.cache:
+                del data
+        return items
+
+    def eval_cases(self, stage: str) -> list[str]:
+        """Case ids of an evaluation stage (val/test/predict) from its list file."""
+        name = self.lists[stage]
+        return self._present_filter(read_list(self.root / name), name)
+
+    def _eval_dataset(self, stage: str) -> Dataset:
+        cases = self.eval_cases(stage)
+        if not cases:
+            raise DataError(f"the {stage} split under {self.root} names no case to evaluate.")
+        keys = ("image",) if stage == "predict" else ("image", "label")
+        self._checked(cases, self.case_path, keys)
+        return SampleDataset(cases, lambda c: {**self._read(self.case_path(c), keys), "case": c},
+                             lambda d: self.eval_case(d, d["case"]))
+
+    def _train_datasets(self) -> None:
+        groups, labeled, unlabeled = self.split()
+        if self.two_streams and not unlabeled:
+            raise ConfigError(f"data.labeled={self.labeled} leaves no unlabeled training data for a two-stream "
+                              f"run; set data.labeled_batch_size to null for a labeled-only run.")
+        rank_zero_info(f"lemis: label budget {self.labeled} -> {len(groups)} groups, {len(labeled)} labeled "
+                       f"items, {len(unlabeled)} unlabeled items.")
+        self.labeled_groups = groups
+        both, image_only = ("image", "label"), ("image",)
+        self._checked(labeled, self.train_path, both)
+        self.datasets["labeled"] = SampleDataset(
+            labeled, lambda i: {**self._read(self.train_path(i), both), "case": i},
+            lambda d: self.train_sample(d, d["case"]))
+        if self.two_streams:
+            # Unlabeled labels are never read, so a budget experiment cannot leak them.
+            self._checked(unlabeled, self.train_path, image_only)
+            self.datasets["unlabeled"] = SampleDataset(
+                unlabeled, lambda i: {**self._read(self.train_path(i), image_only), "case": i},
+                lambda d: self.train_sample(d, d["case"]))
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.root.is_dir():
+            raise DataError(f"data root {self.root} does not exist (set data.init_args.root).")
+        if stage in ("fit", None) and "labeled" not in self.datasets:
+            self._train_datasets()
+        for name, stages in (("val", ("fit", "validate", None)), ("test", ("test",)), ("predict", ("predict",))):
+            if stage in stages and name not in self.datasets:
+                self.datasets[name] = self._eval_dataset(name)
+
+    # ---- loaders -----------------------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, collate=None):
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          collate_fn=collate, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self):
+        if not self.two_streams:
+            # SSL4MIS's supervised script: a shuffled loader over the labeled slices, last partial batch kept.
+            return self._loader(self.datasets["labeled"], self.batch_size, True, False)
+        n_lab = self.labeled_batch_size
+        n_unl = self.batch_size - n_lab
+        for name, n in (("labeled", n_lab), ("unlabeled", n_unl)):
+            if len(self.datasets[name]) < n:
+                raise ConfigError(f"the {name} stream has {len(self.datasets[name])} items, fewer than its "
+                                  f"batch of {n} (data.batch_size / data.labeled_batch_size).")
+        loaders = {"labeled": self._loader(self.datasets["labeled"], n_lab, True, True),
+                   "unlabeled": self._loader(self.datasets["unlabeled"], n_unl, True, True)}
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self):
+        return self._loader(self.datasets["val"], 1, False, False, collate_case)
+
+    def test_dataloader(self):
+        return self._loader(self.datasets["test"], 1, False, False, collate_case)
+
+    def predict_dataloader(self):
+        return self._loader(self.datasets["predict"], 1, False, False, collate_case)

@@ -1,0 +1,248 @@
+"""Convert official dataset releases into the layouts the DataModules read (`spec/datasets.md`).
+
+    python -m datamodules.prepare acdc RAW_DIR OUT_DIR [--split-from DIR]
+
+ACDC: the official NIfTI release (``RAW_DIR/{training,testing}/patientXXX/`` or ``RAW_DIR/patientXXX/``, each
+with ``patientXXX_frameYY.nii.gz``, ``patientXXX_frameYY_gt.nii.gz`` and ``Info.cfg``) becomes the SSL4MIS layout:
+``OUT/{train_slices,train,val,test}.list``, ``OUT/data/<patientXXX_frameYY>.h5`` and
+``OUT/data/slices/<patientXXX_frameYY>_slice_<i>.h5``.
+
+Conventions, chosen to reproduce the SSL4MIS files:
+- Axes: SSL4MIS read the NIfTI with SimpleITK, whose array is (z, y, x), i.e. nibabel's (x, y, z) array
+  transposed by (2, 1, 0). The in-plane shapes of the shipped volumes (e.g. (10, 256, 216)) agree. The
+  ``spacing`` attribute is stored in the same (z, y, x) order as the array.
+- Frames: the two annotated frames are renamed frame01 (ED) and frame02 (ES), as in the SSL4MIS lists; the
+  official file names use the true frame index (patient001_frame12 is ES), and ED is not always frame 1.
+- Slices are numbered from 1 (the SSL4MIS lists have no ``_slice_0``).
+- Images are min-max normalised per volume (before slicing) to float32 [0, 1]; labels are uint8 {0, 1, 2, 3}.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+ACDC_CLASSES = (0, 1, 2, 3)
+ACDC_INFO_KEYS = {"ED": int, "ES": int, "Group": str, "Height": float, "Weight": float}
+_FRAME_RE = re.compile(r"^(patient\d+)_frame(\d+)\.nii(?:\.gz)?$")
+_GZIP_LEVEL = 4
+
+
+class PrepareError(Exception):
+    """Bad input for a conversion; the message is one sentence naming the offending path."""
+
+
+# ---------------------------------------------------------------- atomic writers (shared with phantoms.py)
+
+def write_h5(path: str | os.PathLike, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> None:
+    """Write ``arrays`` (name -> array, any shape) as gzip datasets, plus file attributes, atomically.
+
+    The file is written to ``<name>.tmp`` and renamed, so an interrupted run never leaves a half-written
+    file under the final name (and never replaces a finished one with it).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key, value in arrays.items():
+                f.create_dataset(key, data=value, compression="gzip", compression_opts=_GZIP_LEVEL)
+            f.attrs.update(attrs or {})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_list(path: str | os.PathLike, names: list[str]) -> None:
+    """Write one name a line (with a final newline, as the community files have), atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{n}\n" for n in names))
+    os.replace(tmp, path)
+
+
+def read_list(path: str | os.PathLike) -> list[str]:
+    """Non-empty, stripped lines of a list file."""
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- ACDC
+
+@dataclass
+class _Patient:
+    pid: str
+    folder: Path
+    frames: list[int]  # true frame indices, ordered ED then ES
+    info: dict = field(default_factory=dict)
+
+
+def prepare_acdc(raw: str | os.PathLike, out: str | os.PathLike, split_from: str | os.PathLike | None = None
+                 ) -> dict[str, int]:
+    """Convert the official ACDC release in ``raw`` to the SSL4MIS layout in ``out``.
+
+    Every annotated frame becomes a volume file (image (D, H, W) float32 [0, 1], label (D, H, W) uint8, attributes
+    ``spacing`` (z, y, x) mm, ``frame`` (the official frame index) and the Info.cfg fields); the frames of
+    train.list patients are also written as slices (image (H, W), label (H, W)). With ``split_from``, its
+    train/val/test lists are copied (every id must be found in ``raw``); otherwise every patient is in train.list.
+    Returns the counts ``{"patients", "volumes", "slices"}``.
+    """
+    raw, out = Path(raw), Path(out)
+    patients = _find_acdc_patients(raw)
+    splits = _acdc_splits(patients, split_from, raw)
+    train_patients = {name.split("_")[0] for name in splits["train"]}
+    (out / "data" / "slices").mkdir(parents=True, exist_ok=True)
+    slice_names: dict[str, list[str]] = {}  # volume id -> its slice ids
+    for patient in patients.values():
+        for name, depth in _convert_acdc_patient(patient, out / "data", patient.pid in train_patients):
+            slice_names[name] = [f"{name}_slice_{i}" for i in range(1, depth + 1)]
+    train_slices = [s for name in splits["train"] for s in slice_names[name]]
+    for split, names in splits.items():
+        write_list(out / f"{split}.list", names)
+    write_list(out / "train_slices.list", train_slices)
+    return {"patients": len(patients), "volumes": len(slice_names), "slices": len(train_slices)}
+
+
+def _find_acdc_patients(raw: Path) -> dict[str, _Patient]:
+    """Patient folders under raw/training, raw/testing or raw itself, sorted by id."""
+    if not raw.is_dir():
+        raise PrepareError(f"the raw ACDC folder {raw} does not exist")
+    folders = [p for parent in (raw / "training", raw / "testing", raw) if parent.is_dir()
+               for p in sorted(parent.glob("patient*")) if p.is_dir()]
+    if not folders:
+        raise PrepareError(f"no patientXXX folders found in {raw}, {raw / 'training'} or {raw / 'testing'}")
+    patients: dict[str, _Patient] = {}
+    for folder in folders:
+        if folder.name in patients:
+            raise PrepareError(f"patient {folder.name} appears twice, in {patients[folder.name].folder} and {folder}")
+        patients[folder.name] = _read_acdc_patient(folder)
+    return dict(sorted(patients.items()))
+
+
+def _read_acdc_patient(folder: Path) -> _Patient:
+    """The annotated frames of one patient folder, ordered ED then ES, checked against Info.cfg."""
+    frames = sorted(int(m.group(2)) for p in folder.iterdir()
+                    if (m := _FRAME_RE.match(p.name)) and m.group(1) == folder.name)
+    for frame in frames:
+        if not _frame_path(folder, frame, gt=True).exists():
+            raise PrepareError(f"the frame {_frame_path(folder, frame)} has no ground truth "
+                               f"{_frame_path(folder, frame, gt=True).name} next to it")
+    if len(frames) != 2:
+        raise PrepareError(f"{folder} holds {len(frames)} annotated frames, ACDC has 2 (ED and ES) per patient")
+    info = _read_info_cfg(folder / "Info.cfg")
+    # Without Info.cfg the earlier frame is taken as ED, which holds for every ACDC training patient.
+    if "ED" in info and "ES" in info:
+        if sorted((info["ED"], info["ES"])) != frames:
+            raise PrepareError(f"{folder / 'Info.cfg'} gives ED {info['ED']} and ES {info['ES']}, "
+                               f"but the annotated frames there are {frames}")
+        frames = [info["ED"], info["ES"]]
+    return _Patient(folder.name, folder, frames, info)
+
+
+def _read_info_cfg(path: Path) -> dict:
+    """The ED, ES, Group, Height and Weight fields of an ACDC Info.cfg ("Key: value" lines); {} if absent."""
+    if not path.exists():
+        return {}
+    info = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key in ACDC_INFO_KEYS and value:
+            try:
+                info[key] = ACDC_INFO_KEYS[key](value)
+            except ValueError:
+                raise PrepareError(f"{path} has an unreadable {key} value {value!r}") from None
+    return info
+
+
+def _frame_path(folder: Path, frame: int, gt: bool = False) -> Path:
+    stem = f"{folder.name}_frame{frame:02d}" + ("_gt" if gt else "")
+    plain = folder / f"{stem}.nii"
+    return plain if plain.exists() else folder / f"{stem}.nii.gz"
+
+
+def _acdc_splits(patients: dict[str, _Patient], split_from, raw: Path) -> dict[str, list[str]]:
+    """train/val/test volume ids: copied from ``split_from``, or every patient in train."""
+    volumes = [f"{pid}_frame{k:02d}" for pid in patients for k in (1, 2)]
+    if split_from is None:
+        return {"train": volumes, "val": [], "test": []}
+    splits = {}
+    for split in ("train", "val", "test"):
+        path = Path(split_from) / f"{split}.list"
+        if not path.exists():
+            raise PrepareError(f"the split list {path} does not exist")
+        splits[split] = read_list(path)
+        missing = sorted(set(splits[split]) - set(volumes))
+        if missing:
+            raise PrepareError(f"{path} names {len(missing)} volumes that are not in {raw} (first: {missing[0]})")
+    return splits
+
+
+def _convert_acdc_patient(patient: _Patient, data_dir: Path, with_slices: bool) -> list[tuple[str, int]]:
+    """Write both frames of a patient; returns (volume id, number of slices) per frame."""
+    written = []
+    for k, frame in enumerate(patient.frames, start=1):
+        name = f"{patient.pid}_frame{k:02d}"
+        image, label, spacing = _load_acdc_frame(patient.folder, frame)
+        attrs = {"spacing": spacing, "frame": frame, **patient.info}
+        write_h5(data_dir / f"{name}.h5", {"image": image, "label": label}, attrs)
+        if with_slices:
+            for i in range(image.shape[0]):
+                write_h5(data_dir / "slices" / f"{name}_slice_{i + 1}.h5", {"image": image[i], "label": label[i]})
+        written.append((name, image.shape[0]))
+    return written
+
+
+def _load_acdc_frame(folder: Path, frame: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """image (D, H, W) float32 [0, 1], label (D, H, W) uint8, spacing (3,) float64 (z, y, x) mm."""
+    import nibabel as nib  # only the converter needs it; keeps `import datamodules` light
+
+    img_path, gt_path = _frame_path(folder, frame), _frame_path(folder, frame, gt=True)
+    img, gt = nib.load(img_path), nib.load(gt_path)
+    if img.ndim != 3 or img.shape != gt.shape:
+        raise PrepareError(f"{gt_path} has shape {gt.shape} and its image {img_path.name} {img.shape}, "
+                           f"both must be the same 3D shape")
+    label = np.rint(np.asarray(gt.dataobj, dtype=np.float64))
+    if not np.isin(label, ACDC_CLASSES).all():
+        raise PrepareError(f"{gt_path} holds labels {np.unique(label).tolist()}, ACDC has only {list(ACDC_CLASSES)}")
+    image = np.asarray(img.dataobj, dtype=np.float64).transpose(2, 1, 0)
+    spacing = np.asarray(img.header.get_zooms(), dtype=np.float64)[::-1].copy()
+    return minmax(image), label.transpose(2, 1, 0).astype(np.uint8), spacing
+
+
+def minmax(image: np.ndarray) -> np.ndarray:
+    """Per-volume min-max to float32 [0, 1] (any shape); a constant image becomes all zeros."""
+    lo, hi = float(image.min()), float(image.max())
+    return ((image - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- command line
+
+PREPARERS = {"acdc": prepare_acdc}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m datamodules.prepare", description=__doc__.split("\n")[0])
+    parser.add_argument("dataset", help="dataset to convert (implemented: acdc)")
+    parser.add_argument("raw", help="folder of the official release")
+    parser.add_argument("out", help="output folder (the DataModule's data.root)")
+    parser.add_argument("--split-from", default=None,
+                        help="folder with train.list/val.list/test.list to copy (e.g. ../shared/data/ACDC)")
+    args = parser.parse_args(argv)
+    try:
+        if args.dataset not in PREPARERS:
+            raise PrepareError(f"not implemented yet: acdc is the only dataset (got {args.dataset!r})")
+        counts = PREPARERS[args.dataset](args.raw, args.out, split_from=args.split_from)
+    except PrepareError as err:
+        print(f"lemis: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {counts['volumes']} volumes ({counts['patients']} patients) and "
+          f"{counts['slices']} training slices to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

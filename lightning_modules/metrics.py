@@ -1,0 +1,199 @@
+"""Per-case segmentation metrics with one empty-mask rule.
+
+Conventions are those of `spec/datasets.md` ("Metric conventions (metrics.py)") and
+`spec/methods/mean_teacher.md` sec. 6:
+
+* Per case and per foreground class c, with P = (pred == c) and G = (gt == c):
+  Dice = 2|P∩G| / (|P| + |G|), Jaccard = |P∩G| / |P∪G|.
+* Surface distances exactly as medpy 0.4 (`medpy.metric.binary.__surface_distances`): the border of a mask is
+  mask XOR its erosion by the ndim-connectivity-1 cross, and each border voxel of A gets the Euclidean distance to
+  the nearest border voxel of B. HD95 is the 95th percentile of both directions pooled (medpy `hd95`), ASD the
+  one-directional mean prediction -> reference (medpy `asd`, as in the published tables), ASSD the mean of the
+  two directional means (medpy `assd`, an extra column).
+* Distances in voxels, and in mm when a spacing is given; without a spacing the `*_mm` columns are NaN, never
+  voxel values in disguise.
+* Empty masks (`empty_convention="lemis"`): both empty -> Dice 1, Jaccard 1, distances 0; exactly one empty ->
+  Dice 0, Jaccard 0, distances = the image diagonal, and the row has `empty=1` (summed into `n_empty`).
+  `empty_convention="legacy_zero"` reproduces UA-MT `test_util` / SSL4MIS `val_2D`: an empty prediction scores
+  all zeros (both empty too, since medpy `dc` returns 0 there).
+* Means: over cases per class, then over classes.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
+
+METRIC_NAMES = ("dice", "jaccard", "hd95", "asd", "assd", "hd95_mm", "asd_mm", "assd_mm")
+EMPTY_CONVENTIONS = ("lemis", "legacy_zero")
+
+
+def _check_shapes(pred: np.ndarray, gt: np.ndarray) -> None:
+    if pred.shape != gt.shape:
+        raise ValueError(f"pred and gt must have the same shape, got pred {pred.shape} and gt {gt.shape}")
+
+
+def _check_spacing(spacing, ndim: int) -> tuple[float, ...] | None:
+    if spacing is None:
+        return None
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != ndim:
+        raise ValueError(f"spacing {spacing} has {len(spacing)} entries, the masks have {ndim} dimensions")
+    return spacing
+
+
+def _union_bbox(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...]:
+    """Slices of the bounding box of a | b (same shape, at least one non-empty), grown by 1 voxel and clipped.
+
+    Voxels outside the box are background in both masks, and erosion treats the array edge as background too,
+    so borders and distances inside the crop equal those of the full arrays.
+    """
+    coords = np.nonzero(a | b)
+    return tuple(slice(max(int(c.min()) - 1, 0), min(int(c.max()) + 2, n)) for c, n in zip(coords, a.shape))
+
+
+def _cropped_borders(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Borders (mask XOR erosion by the connectivity-1 cross, medpy 0.4) of a and b, cropped to their union box."""
+    box = _union_bbox(a, b)
+    footprint = generate_binary_structure(a.ndim, 1)
+    return tuple(m[box] ^ binary_erosion(m[box], structure=footprint, iterations=1) for m in (a, b))
+
+
+def _directed(border_a: np.ndarray, border_b: np.ndarray, spacing) -> np.ndarray:
+    return distance_transform_edt(~border_b, sampling=spacing)[border_a]
+
+
+def surface_distances(a: np.ndarray, b: np.ndarray, spacing=None) -> np.ndarray:
+    """Distances from each border voxel of ``a`` to the nearest border voxel of ``b``.
+
+    a, b: non-empty boolean arrays of the same shape (2D or 3D); spacing: per-axis voxel size in the arrays' axis
+    order, or None for voxel units. Returns a 1-D float array with one entry per border voxel of ``a``.
+    scipy directly rather than MONAI's `get_surface_distance`: this is medpy 0.4's definition verbatim.
+    """
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    _check_shapes(a, b)
+    if not a.any() or not b.any():
+        raise ValueError("surface_distances needs two non-empty masks")
+    return _directed(*_cropped_borders(a, b), _check_spacing(spacing, a.ndim))
+
+
+def _distance_metrics(border_p: np.ndarray, border_g: np.ndarray, spacing) -> tuple[float, float, float]:
+    """(hd95, asd, assd) from the two borders; HD95 pools both directions as medpy (MONAI takes the max of two)."""
+    d_pg = _directed(border_p, border_g, spacing)
+    d_gp = _directed(border_g, border_p, spacing)
+    hd95 = float(np.percentile(np.concatenate([d_pg, d_gp]), 95))
+    return hd95, float(d_pg.mean()), float((d_pg.mean() + d_gp.mean()) / 2)
+
+
+def _diagonal(shape: tuple[int, ...], spacing) -> float:
+    extent = np.asarray(shape, dtype=np.float64) * (1.0 if spacing is None else np.asarray(spacing))
+    return float(np.sqrt(np.sum(extent**2)))
+
+
+def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing=None, empty_convention: str = "lemis") -> dict:
+    """Metrics of one binary prediction against one binary reference.
+
+    pred, gt: arrays of the same shape (2D or 3D), cast to bool; spacing: per-axis voxel size (mm) in the arrays'
+    axis order, or None. Returns {name: float for name in METRIC_NAMES} plus "empty": 1 when exactly one mask is
+    empty, else 0. The `*_mm` values are NaN when spacing is None.
+    """
+    if empty_convention not in EMPTY_CONVENTIONS:
+        raise ValueError(f"empty_convention must be one of {EMPTY_CONVENTIONS}, got {empty_convention!r}")
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    _check_shapes(pred, gt)
+    spacing = _check_spacing(spacing, pred.ndim)
+    p_any, g_any = bool(pred.any()), bool(gt.any())
+    empty = int(p_any != g_any)
+
+    if p_any and g_any:
+        inter = float(np.count_nonzero(pred & gt))
+        dice = 2 * inter / (np.count_nonzero(pred) + np.count_nonzero(gt))
+        jaccard = inter / np.count_nonzero(pred | gt)
+        borders = _cropped_borders(pred, gt)
+        vox = _distance_metrics(*borders, None)
+        mm = _distance_metrics(*borders, spacing) if spacing is not None else (np.nan,) * 3
+    elif not p_any and (empty_convention == "legacy_zero" or not g_any):
+        # legacy_zero: UA-MT / SSL4MIS-val score any empty prediction as (0, 0, 0, 0); lemis: both empty is perfect.
+        score = 1.0 if empty_convention == "lemis" else 0.0
+        dice = jaccard = score
+        vox = (0.0,) * 3
+        mm = (0.0,) * 3 if spacing is not None else (np.nan,) * 3
+    else:
+        # Exactly one mask empty. Under legacy_zero only an empty GT reaches here: the published scripts raise
+        # (medpy hd95/asd on an empty reference), so the lemis diagonal penalty is the only defined value.
+        dice = jaccard = 0.0
+        vox = (_diagonal(pred.shape, None),) * 3
+        mm = (_diagonal(pred.shape, spacing),) * 3 if spacing is not None else (np.nan,) * 3
+
+    values = (float(dice), float(jaccard), *vox, *mm)
+    return {**dict(zip(METRIC_NAMES, values)), "empty": empty}
+
+
+def case_metrics(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    num_classes: int,
+    case: str,
+    spacing=None,
+    class_names=None,
+    empty_convention: str = "lemis",
+) -> list[dict]:
+    """One row per foreground class 1..num_classes-1 of a label map.
+
+    pred, gt: integer label maps of the same shape (2D or 3D, no channel axis). A row is
+    {"case": case, "class": class_names[c - 1] or str(c), **binary_metrics(pred == c, gt == c)}.
+    """
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    _check_shapes(pred, gt)
+    if class_names is not None and len(class_names) != num_classes - 1:
+        raise ValueError(f"class_names needs {num_classes - 1} foreground names, got {len(class_names)}")
+    rows = []
+    for c in range(1, num_classes):
+        name = class_names[c - 1] if class_names is not None else str(c)
+        metrics = binary_metrics(pred == c, gt == c, spacing, empty_convention)
+        rows.append({"case": case, "class": name, **metrics})
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Means over cases per class, then over classes.
+
+    Returns {"<metric>/<class>": float, "<metric>/mean": float, "n_empty": int, "n_cases": int}. NaN (an absent
+    mm column) propagates into the means, so a NaN mean says the column is absent.
+    """
+    classes = list(dict.fromkeys(row["class"] for row in rows))
+    summary: dict = {}
+    for metric in METRIC_NAMES:
+        per_class = [float(np.mean([r[metric] for r in rows if r["class"] == cls])) for cls in classes]
+        summary.update({f"{metric}/{cls}": value for cls, value in zip(classes, per_class)})
+        summary[f"{metric}/mean"] = float(np.mean(per_class)) if per_class else float("nan")
+    summary["n_empty"] = int(sum(int(r["empty"]) for r in rows))
+    summary["n_cases"] = len({r["case"] for r in rows})
+    return summary
+
+
+def write_rows_csv(rows: list[dict], path) -> None:
+    """Write rows (columns: every key, in first-seen order) to a CSV at ``path``, atomically.
+
+    The file is written next to ``path`` and moved over it with os.replace, so a crash leaves either the old file
+    or the new one, never half of one. The parent folder is created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fieldnames = list(dict.fromkeys(key for row in rows for key in row))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,31 @@
+"""Shared fixtures: phantom datasets (generated once per session) and the real-data location."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.phantoms import make_acdc, make_la
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def acdc_phantom(tmp_path_factory) -> Path:
+    return make_acdc(tmp_path_factory.mktemp("acdc"), n_train=6, n_val=1, n_test=1, size=(64, 64),
+                     n_slices=(4, 6), seed=0)
+
+
+@pytest.fixture(scope="session")
+def la_phantom(tmp_path_factory) -> Path:
+    return make_la(tmp_path_factory.mktemp("la"), n_train=6, n_test=2, shape=(40, 40, 36), seed=0)
+
+
+def real(name: str) -> Path:
+    """Path of a real dataset under ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real data {path} is absent (see ../shared/data/README.md)")
+    return path

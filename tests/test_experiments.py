@@ -1,0 +1,90 @@
+"""Every experiment YAML runs a few steps + whole-case validation on phantoms; the CLI's bad-input messages."""
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+import yaml
+
+from experiments.__main__ import LemisCLI, main
+from tests.conftest import REPO
+
+CONFIGS = sorted((REPO / "experiments").rglob("*.yaml"))
+
+
+def phantom_args(config: Path, acdc_root: Path, la_root: Path, out: Path) -> list[str]:
+    """Overrides that shrink a published config to seconds on phantoms (DESIGN.md "Tests")."""
+    cfg = yaml.safe_load(config.read_text())
+    three_d = cfg["data"]["class_path"].endswith("LADataModule")
+    two_streams = cfg["data"]["init_args"].get("labeled_batch_size") is not None
+    args = ["--config", str(config), f"--data.init_args.root={la_root if three_d else acdc_root}",
+            f"--data.init_args.patch_size={[32, 32, 32] if three_d else [32, 32]}",
+            "--data.init_args.labeled=2", f"--data.init_args.batch_size={2 if three_d else 4}",
+            "--data.init_args.num_workers=0", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+            "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            f"--trainer.logger.init_args.save_dir={out}"]
+    if two_streams:
+        args.append(f"--data.init_args.labeled_batch_size={1 if three_d else 2}")
+    return args
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "experiments")))
+def test_experiment_runs_on_phantoms(config, acdc_phantom, la_phantom, tmp_path):
+    cli = LemisCLI(args=["fit", *phantom_args(config, acdc_phantom, la_phantom, tmp_path)])
+    run = Path(cli.trainer.log_dir)
+    summary = cli.model.last_summary["val"]
+    assert cli.trainer.global_step == 2
+    assert 0.0 <= summary["dice/mean"] <= 1.0 and summary["n_cases"] >= 1
+    assert (run / "per_case_val.csv").is_file() and (run / "config.yaml").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert any((run / "images").glob("*.png")) or "demo" in config.name
+
+
+def test_validate_test_predict_from_checkpoint(acdc_phantom, la_phantom, tmp_path):
+    config = REPO / "experiments" / "acdc" / "mean_teacher.yaml"
+    args = phantom_args(config, acdc_phantom, la_phantom, tmp_path)
+    fit = LemisCLI(args=["fit", *args])
+    ckpt = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    assert any(k.startswith("teacher.") for k in state["state_dict"])
+    assert state["callbacks"]["EMATeacher"]["last_step"] == 1
+    for command in ("validate", "test", "predict"):
+        assert main([command, *args, f"--ckpt_path={ckpt}"]) == 0
+    predictions = list(tmp_path.rglob("predictions/*.h5"))
+    cases = (acdc_phantom / "test.list").read_text().split()
+    assert sorted(p.stem for p in predictions) == sorted(cases)
+    with h5py.File(predictions[0]) as f, h5py.File(acdc_phantom / "data" / f"{predictions[0].stem}.h5") as g:
+        assert f["prediction"].shape == g["label"].shape
+
+
+def test_teacher_equals_student_after_first_step(acdc_phantom, la_phantom, tmp_path):
+    """alpha_0 = 0: after optimizer step 0 the EMA teacher is an exact copy of the student."""
+    config = REPO / "experiments" / "acdc" / "mean_teacher.yaml"
+    args = phantom_args(config, acdc_phantom, la_phantom, tmp_path) + ["--trainer.max_steps=1",
+                                                                       "--trainer.val_check_interval=1"]
+    cli = LemisCLI(args=["fit", *args])
+    for t, s in zip(cli.model.teacher.parameters(), cli.model.net.parameters()):
+        torch.testing.assert_close(t, s)
+        assert not t.requires_grad
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--model.init_args.consistncy=0.3", "consistncy"),
+    ("--data.init_args.labeled=0", "data.labeled=0 is impossible"),
+    ("--data.init_args.root=/no/such/dir", "data root /no/such/dir does not exist"),
+    ("--trainer.no_such_key=1", "no_such_key"),
+])
+def test_cli_bad_input_is_one_sentence(override, needle, acdc_phantom, la_phantom, tmp_path, capsys):
+    config = REPO / "experiments" / "acdc" / "mean_teacher.yaml"
+    code = main(["fit", *phantom_args(config, acdc_phantom, la_phantom, tmp_path), override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("lemis: error: ") and needle in err[-1]
+    assert not any(line.startswith("Traceback") or line.startswith("usage:") for line in err)
+
+
+def test_mean_teacher_refuses_a_single_stream(acdc_phantom, la_phantom, tmp_path, capsys):
+    config = REPO / "experiments" / "acdc" / "mean_teacher.yaml"
+    code = main(["fit", *phantom_args(config, acdc_phantom, la_phantom, tmp_path),
+                 "--data.init_args.labeled_batch_size=null"])
+    assert code == 2 and "needs an unlabeled stream" in capsys.readouterr().err
