@@ -88,3 +88,24 @@ def test_mean_teacher_refuses_a_single_stream(acdc_phantom, la_phantom, tmp_path
     code = main(["fit", *phantom_args(config, acdc_phantom, la_phantom, tmp_path),
                  "--data.init_args.labeled_batch_size=null"])
     assert code == 2 and "needs an unlabeled stream" in capsys.readouterr().err
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("config,overrides", [
+    ("acdc/mean_teacher.yaml", ["--data.init_args.patch_size=[64, 64]", "--data.init_args.batch_size=4",
+                                "--data.init_args.labeled_batch_size=2"]),
+    ("la/mean_teacher.yaml", ["--data.init_args.present=present.list", "--data.init_args.labeled=4",
+                              "--data.init_args.patch_size=[64, 64, 48]", "--model.init_args.sw_stride=[64, 64, 48]"]),
+])
+def test_real_data_training_step_and_whole_volume_validation(config, overrides, tmp_path):
+    from tests.conftest import real
+    root = real(config.split("/")[0].upper())
+    args = ["fit", "--config", str(REPO / "experiments" / config), f"--data.init_args.root={root}",
+            "--data.init_args.num_workers=0", "--data.init_args.cache=false", "--trainer.max_steps=1",
+            "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1", "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}", *overrides]
+    cli = LemisCLI(args=args)
+    rows = (Path(cli.trainer.log_dir) / "per_case_val.csv").read_text().splitlines()
+    n_classes = len(cli.datamodule.class_names)
+    assert len(rows) == 1 + n_classes  # header + one whole case, one row per foreground class
+    assert cli.model.last_summary["val"]["n_cases"] == 1
