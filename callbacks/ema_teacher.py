@@ -12,15 +12,15 @@ from lightning_modules.losses import ema_alpha
 class EMATeacher(L.Callback):
     """Creates ``pl_module.teacher`` (a frozen deep copy of ``pl_module.net``) and updates it after every
     optimizer step: theta_T <- alpha_t theta_T + (1 - alpha_t) theta_S, alpha_t = min(1 - 1/(t+1), decay),
-    t = the index of the optimizer step just taken (mean_teacher.md sec. 1 step 7).
+    t = the index of the optimizer step just taken (mean_teacher.md sec. 1 step 7). ``decay`` is the module's
+    ``ema_decay`` option, so a config or sweep sets it in one place (``model.init_args.ema_decay``).
 
     Only parameters are averaged; the teacher's BatchNorm buffers evolve from its own train-mode forwards,
     as in both published codes. The teacher is a registered submodule, so its weights travel with the
     module's state dict (checkpoints, devices, DDP); the callback's own state is the last step it applied.
     """
 
-    def __init__(self, decay: float = 0.99):
-        self.decay = decay
+    def __init__(self):
         self.last_step = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -35,7 +35,7 @@ class EMATeacher(L.Callback):
         if step <= self.last_step:  # gradient accumulation: no optimizer step on this batch
             return
         self.last_step = step
-        self.update(pl_module.teacher, pl_module.net, ema_alpha(step, self.decay))
+        self.update(pl_module.teacher, pl_module.net, ema_alpha(step, pl_module.hparams.ema_decay))
 
     @staticmethod
     @torch.no_grad()
@@ -44,8 +44,7 @@ class EMATeacher(L.Callback):
         torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1.0 - alpha)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "last_step": self.last_step}
+        return {"last_step": self.last_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.decay = state_dict["decay"]
         self.last_step = state_dict["last_step"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from PIL import Image, ImageDraw
 
 # RGB per class index (0 = background is transparent); enough for the 4-class cardiac and binary tasks.
@@ -64,10 +65,11 @@ def middle_slices(volume: np.ndarray, n: int = 3) -> np.ndarray:
 
 class ImageLogger(L.Callback):
     """After each validation, a PNG of the first validation case (image / ground truth / prediction) in
-    ``<run dir>/images/val_step<step>.png``; 2D slices along the first spatial axis."""
+    ``<run dir>/images/val_step<step>.png``: ``n_slices`` slices across spatial axis ``axis`` (0: ACDC's slice
+    axis; -1: LA's depth axis)."""
 
-    def __init__(self, n_slices: int = 3):
-        self.n_slices = n_slices
+    def __init__(self, n_slices: int = 3, axis: int = 0):
+        self.n_slices, self.axis = n_slices, axis
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -77,6 +79,11 @@ class ImageLogger(L.Callback):
         image = case["image"].to(pl_module.device)
         pred = pl_module.predict_case(image).argmax(1)[0].cpu().numpy()
         volume, label = case["image"][0, 0].numpy(), case["label"][0].numpy()
+        volume, label, pred = (np.moveaxis(a, self.axis, 0) for a in (volume, label, pred))
         idx = middle_slices(volume, self.n_slices)
         picture = panel(volume[idx], {"ground truth": label[idx], "prediction": pred[idx]})
         save_png(picture, Path(trainer.log_dir) / "images" / f"val_step{trainer.global_step}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="val/overlay", images=[picture], step=trainer.global_step,
+                                 caption=[f"{case['case'][0]}: image | ground truth | prediction"])

@@ -214,9 +214,7 @@ class SegmentationDataModule(L.LightningDataModule):
     def _checked(self, items: list[str], path_of: Callable[[str], Path], keys: tuple[str, ...]) -> list[str]:
         """Read every file once before training so bad input fails now, not at step 10,000."""
         for item in items:
-            data = self._read(path_of(item), keys)
-            if not self.cache:
-                del data
+            self._read(path_of(item), keys)
         return items
 
     def eval_cases(self, stage: str) -> list[str]:

@@ -13,8 +13,10 @@ import re
 import sys
 import warnings
 from argparse import ArgumentError
+from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 from datamodules.errors import LemisError
 
@@ -22,6 +24,30 @@ from datamodules.errors import LemisError
 for _pattern in (r".*isinstance\(treespec, LeafSpec\).*", r".*smaller than the logging interval.*",
                  r".*does not have many workers.*"):
     warnings.filterwarnings("ignore", message=_pattern)
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """config.yaml in the run directory (Lightning's default) and the resolved config sent to W&B."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
+
+
+def wandb_offline_without_key() -> None:
+    """W&B runs offline (files under the run directory, `wandb sync` later) unless a key or mode is set."""
+    netrc = Path.home() / ".netrc"
+    logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    if not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") or logged_in):
+        os.environ["WANDB_MODE"] = "offline"
+
+
+def finish_wandb() -> None:
+    """Close a W&B run so its files (config.yaml, summary) are complete when the process ends."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 class LemisCLI(LightningCLI):
@@ -34,6 +60,7 @@ class LemisCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
+            save_config_callback=SaveAndLogConfig,
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,
@@ -54,8 +81,10 @@ def config_error_sentence(message: str) -> str:
 
 def main(args: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (2 for bad input)."""
+    wandb_offline_without_key()
     try:
         LemisCLI(args=args)
+        finish_wandb()
     except (LemisError, ArgumentError) as err:
         if os.environ.get("LEMIS_DEBUG") == "1":
             raise

@@ -24,11 +24,12 @@ class MeanTeacher(SegmentationModule):
         consistency_gate_steps: consistency weight is 0 before this step (ACDC 1000, LA 0).
         noise_std, noise_clip: teacher input noise clip(N(0, std^2), -clip, clip) (0.1, 0.2).
         teacher_mode: ``train`` (both codes: BatchNorm batch statistics, dropout on) or ``eval``.
+        ema_decay: the teacher's EMA decay (0.99), applied by callbacks.EMATeacher.
     """
 
     def __init__(self, consistency: float = 0.1, consistency_rampup: float = 200.0,
                  rampup_epoch_len: int = 150, consistency_gate_steps: int = 1000, noise_std: float = 0.1,
-                 noise_clip: float = 0.2, teacher_mode: str = "train", **kwargs):
+                 noise_clip: float = 0.2, teacher_mode: str = "train", ema_decay: float = 0.99, **kwargs):
         super().__init__(**kwargs)
         if teacher_mode not in TEACHER_MODES:
             raise ConfigError(f"model.teacher_mode must be one of {TEACHER_MODES}, got {teacher_mode!r}.")

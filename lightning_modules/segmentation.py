@@ -5,10 +5,10 @@ Every method subclasses this and overrides `training_step` only; inference and m
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 import torch.distributed as dist
 from monai.inferers import sliding_window_inference
@@ -111,8 +111,8 @@ class SegmentationModule(L.LightningModule):
             raise ConfigError(f"model.lr_schedule={hp.lr_schedule} needs trainer.max_steps > 0.")
         optimizer = torch.optim.SGD(self.net.parameters(), lr=hp.lr, momentum=hp.momentum,
                                     weight_decay=hp.weight_decay)
-        factor = lambda step: lr_factor(step, hp.lr_schedule, max_steps, hp.poly_power,  # noqa: E731
-                                        hp.lr_step_size, hp.lr_gamma)
+        factor = partial(lr_factor, schedule=hp.lr_schedule, max_steps=max_steps, power=hp.poly_power,
+                         step_size=hp.lr_step_size, gamma=hp.lr_gamma)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

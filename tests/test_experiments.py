@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import h5py
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -109,3 +110,30 @@ def test_real_data_training_step_and_whole_volume_validation(config, overrides, 
     n_classes = len(cli.datamodule.class_names)
     assert len(rows) == 1 + n_classes  # header + one whole case, one row per foreground class
     assert cli.model.last_summary["val"]["n_cases"] == 1
+
+
+class _PoisonAt(L.Callback):
+    """Fills the input batch of step ``step`` with NaN, so that step's loss (and update) is NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            batch["image"].fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(acdc_phantom, la_phantom, tmp_path, capsys):
+    config = REPO / "experiments" / "acdc" / "supervised.yaml"
+    args = phantom_args(config, acdc_phantom, la_phantom, tmp_path) + [
+        "--trainer.max_steps=6", "--trainer.val_check_interval=6",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks+=tests.test_experiments._PoisonAt", "--trainer.callbacks.step=3"]
+    assert main(["fit", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "training loss is nan at step 3" in err
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    state = torch.load(ckpt, weights_only=False)
+    assert state["global_step"] == 3 and all(torch.isfinite(v).all() for v in state["state_dict"].values()
+                                                  if v.is_floating_point())

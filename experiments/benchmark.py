@@ -1,0 +1,233 @@
+"""`python -m experiments.benchmark speed|data [--quick|--full]` (spec/benchmarks.md).
+
+speed: per method and input shape, the LightningModule's training step run by ``lightning.Trainer`` (logging and
+callbacks on, a fixed in-memory batch) against a plain PyTorch loop doing the same arithmetic (same net, losses,
+EMA update, optimizer and LR schedule), alternated ABAB... in one process; median steps/s of each, the ratio
+framework/reference with its spread, and peak memory.
+data: samples/s delivered by each DataModule's training loader (published transforms) next to the model's steps/s.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from callbacks.ema_teacher import EMATeacher
+from lightning_modules import losses
+from lightning_modules.mean_teacher import MeanTeacher
+from lightning_modules.nets.unet2d import UNet2D
+from lightning_modules.nets.vnet import VNet
+from lightning_modules.segmentation import lr_factor
+from lightning_modules.supervised import Supervised
+
+# (name, net factory, channels, classes, spatial shape, labeled, unlabeled, dice_include_background)
+SHAPES = {
+    "cpu": [("acdc2d", lambda: UNet2D(1, 4), 4, (128, 128), 6, 6, True),
+            ("la3d", lambda: VNet(1, 2, has_dropout=True), 2, (64, 64, 48), 2, 2, False)],
+    "quick": [("acdc2d", lambda: UNet2D(1, 4), 4, (64, 64), 4, 4, True),
+              ("la3d", lambda: VNet(1, 2, has_dropout=True), 2, (32, 32, 32), 1, 1, False)],
+    "full": [("acdc2d", lambda: UNet2D(1, 4), 4, (256, 256), 12, 12, True),
+             ("la3d", lambda: VNet(1, 2, has_dropout=True), 2, (112, 112, 80), 2, 2, False)],
+}
+METHODS = ("supervised", "mean_teacher")
+MAX_STEPS = 30000
+
+
+def fixed_batch(method: str, classes: int, shape, n_lab: int, n_unl: int, device) -> dict:
+    """One in-memory training batch in the DataModule's format (two streams for Mean Teacher)."""
+    g = torch.Generator().manual_seed(0)
+    lab = {"image": torch.randn(n_lab if method == "mean_teacher" else n_lab + n_unl, 1, *shape, generator=g),
+           "case": ["x"]}
+    lab["label"] = torch.randint(0, classes, (lab["image"].shape[0], *shape), generator=g)
+    lab = {k: v.to(device) if torch.is_tensor(v) else v for k, v in lab.items()}
+    if method != "mean_teacher":
+        return lab
+    unl = {"image": torch.randn(n_unl, 1, *shape, generator=g).to(device), "case": ["x"]}
+    return {"labeled": lab, "unlabeled": unl}
+
+
+def build_module(method: str, net, classes: int, dice_bg: bool):
+    kwargs = dict(net=net, num_classes=classes, dice_include_background=dice_bg)
+    if method == "mean_teacher":
+        return MeanTeacher(consistency_gate_steps=0, **kwargs)  # the consistency term is on in every step timed
+    return Supervised(**kwargs)
+
+
+class _Clock(L.Callback):
+    """perf_counter at the first timed step and at the end (synchronised on GPU)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end = warmup, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup:
+            _sync()
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        _sync()
+        self.end = time.perf_counter()
+
+
+class _Repeat(Dataset):
+    """The same in-memory batch n times: no data loading in the timed loop."""
+
+    def __init__(self, batch, n: int):
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return self.batch
+
+
+def _identity(batch):
+    return batch
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def framework_block(module, batch, warmup: int, steps: int, accelerator: str) -> float:
+    """Steps/s of Trainer.fit over a fixed batch (logging on, EMATeacher for Mean Teacher)."""
+    clock = _Clock(warmup)
+    callbacks = [clock] + ([EMATeacher()] if isinstance(module, MeanTeacher) else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(max_steps=warmup + steps, accelerator=accelerator, devices=1, callbacks=callbacks,
+                            logger=L.pytorch.loggers.CSVLogger(tmp), enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=50,
+                            limit_val_batches=0, num_sanity_val_steps=0)
+        loader = DataLoader(_Repeat(batch, warmup + steps), batch_size=None, collate_fn=_identity)
+        trainer.fit(module, train_dataloaders=loader)
+    return steps / (clock.end - clock.start)
+
+
+def reference_block(method: str, net, batch, warmup: int, steps: int, dice_bg: bool, device) -> float:
+    """Steps/s of a plain PyTorch loop doing the same arithmetic as the module + callbacks."""
+    net = net.to(device).train()
+    teacher = copy.deepcopy(net).requires_grad_(False) if method == "mean_teacher" else None
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(t, "poly", MAX_STEPS))
+    for step in range(warmup + steps):
+        if step == warmup:
+            _sync()
+            start = time.perf_counter()
+        if teacher is None:
+            loss = losses.supervised_loss(net(batch["image"]), batch["label"], dice_bg)
+        else:
+            lab, unl = batch["labeled"], batch["unlabeled"]
+            n = lab["image"].shape[0]
+            logits = net(torch.cat([lab["image"], unl["image"]]))
+            with torch.no_grad():
+                noisy = unl["image"] + (torch.randn_like(unl["image"]) * 0.1).clamp(-0.2, 0.2)
+                q = torch.softmax(teacher(noisy), dim=1)
+            loss = (losses.supervised_loss(logits[:n], lab["label"], dice_bg)
+                    + losses.consistency_weight(step, 0.1, 200, 150) * losses.softmax_mse(torch.softmax(logits[n:], 1), q))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if teacher is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(teacher.parameters()), list(net.parameters()), 1 - losses.ema_alpha(step, 0.99))
+    _sync()
+    return steps / (time.perf_counter() - start)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def speed(args) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    print(f"| method | input | batch | framework steps/s | reference steps/s | ratio (min..max) | images/s (fw) | peak MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, make_net, classes, shape, n_lab, n_unl, dice_bg in SHAPES[args.size]:
+        for method in args.methods:
+            batch = fixed_batch(method, classes, shape, n_lab, n_unl, device)
+            fw, ref = [], []
+            for _ in range(args.blocks):  # ABAB...: drift on a shared machine hits both alike
+                torch.manual_seed(0)
+                module = build_module(method, make_net(), classes, dice_bg)
+                fw.append(framework_block(module, batch, args.warmup, args.steps, accelerator))
+                torch.manual_seed(0)
+                ref.append(reference_block(method, make_net(), batch, args.warmup, args.steps, dice_bg, device))
+            ratios = [f / r for f, r in zip(fw, ref)]
+            images = (n_lab + n_unl) * statistics.median(fw)
+            print(f"| {method} | {name} {'x'.join(map(str, shape))} | {n_lab}+{n_unl} | {statistics.median(fw):.3f} | "
+                  f"{statistics.median(ref):.3f} | {statistics.median(ratios):.3f} ({min(ratios):.3f}..{max(ratios):.3f}) | "
+                  f"{images:.1f} | {peak_memory_mb():.0f} |", flush=True)
+
+
+def data(args) -> None:
+    """Samples/s of each DataModule's training loader on phantoms (or real data with --root-acdc/--root-la)."""
+    from datamodules.acdc import ACDCDataModule
+    from datamodules.la import LADataModule
+    from datamodules.phantoms import ensure_phantoms
+
+    acdc_root = args.root_acdc or ensure_phantoms("acdc", Path(".cache/phantoms/bench_acdc"), n_train=20, n_val=2,
+                                                  n_test=2, size=(256, 224), seed=0)
+    la_root = args.root_la or ensure_phantoms("la", Path(".cache/phantoms/bench_la"), n_train=8, n_test=2,
+                                              shape=(128, 128, 88), seed=0)
+    shape2d, shape3d = (128, 128), (64, 64, 48)
+    modules = {
+        f"ACDC {shape2d}": ACDCDataModule(str(acdc_root), labeled=3, batch_size=12, labeled_batch_size=6,
+                                          patch_size=shape2d, num_workers=args.workers),
+        f"LA {shape3d}": LADataModule(str(la_root), labeled=4, batch_size=4, labeled_batch_size=2, patch_size=shape3d,
+                                      num_workers=args.workers, present="present.list" if args.root_la else None),
+    }
+    print("| datamodule | workers | batches | samples/s |")
+    print("|---|---|---|---|")
+    for name, dm in modules.items():
+        dm.setup("fit")
+        loader = iter(dm.train_dataloader())
+        next(loader)  # worker start-up and cache fill are not steady state
+        start = time.perf_counter()
+        for _ in range(args.batches):
+            next(loader)
+        rate = args.batches * dm.batch_size / (time.perf_counter() - start)
+        print(f"| {name} | {args.workers} | {args.batches} | {rate:.1f} |", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("speed", "data"))
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="size", action="store_const", const="quick")
+    size.add_argument("--full", dest="size", action="store_const", const="full")
+    parser.set_defaults(size="cpu")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--root-acdc", type=Path)
+    parser.add_argument("--root-la", type=Path)
+    args = parser.parse_args(argv)
+    torch.backends.cudnn.benchmark = True
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # keep the table readable
+    print(f"# lemis benchmark {args.what} ({args.size}); torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"device {'cuda:' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    speed(args) if args.what == "speed" else data(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
