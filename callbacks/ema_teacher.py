@@ -5,6 +5,7 @@ import copy
 
 import lightning as L
 import torch
+import torch.distributed as dist
 
 from lightning_modules.losses import ema_alpha
 
@@ -16,8 +17,10 @@ class EMATeacher(L.Callback):
     ``ema_decay`` option, so a config or sweep sets it in one place (``model.init_args.ema_decay``).
 
     Only parameters are averaged; the teacher's BatchNorm buffers evolve from its own train-mode forwards,
-    as in both published codes. The teacher is a registered submodule, so its weights travel with the
-    module's state dict (checkpoints, devices, DDP); the callback's own state is the last step it applied.
+    as in both published codes. Under DDP every rank averages the same student, so parameters agree; the
+    buffers come from each rank's own batches, so they are broadcast from rank 0 after each update and the
+    whole teacher is identical everywhere. The teacher is a registered submodule, so its weights travel with
+    the module's state dict (checkpoints, devices, DDP); the callback's own state is the last step it applied.
     """
 
     def __init__(self):
@@ -36,6 +39,8 @@ class EMATeacher(L.Callback):
             return
         self.last_step = step
         self.update(pl_module.teacher, pl_module.net, ema_alpha(step, pl_module.hparams.ema_decay))
+        if trainer.world_size > 1:
+            broadcast_buffers(pl_module.teacher)
 
     @staticmethod
     @torch.no_grad()
@@ -48,3 +53,15 @@ class EMATeacher(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_step = state_dict["last_step"]
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s floating-point buffers into every rank's ``module`` with one collective."""
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    dist.broadcast(flat, src)
+    chunks = flat.split([b.numel() for b in buffers])
+    torch._foreach_copy_(buffers, [c.view_as(b) for c, b in zip(chunks, buffers)])

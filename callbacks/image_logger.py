@@ -7,7 +7,6 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image, ImageDraw
 
@@ -64,26 +63,24 @@ def middle_slices(volume: np.ndarray, n: int = 3) -> np.ndarray:
 
 
 class ImageLogger(L.Callback):
-    """After each validation, a PNG of the first validation case (image / ground truth / prediction) in
+    """After each validation, a PNG of the module's first validation case (``pl_module.example``: image /
+    ground truth / prediction, kept by SegmentationModule so nothing is predicted twice) in
     ``<run dir>/images/val_step<step>.png``: ``n_slices`` slices across spatial axis ``axis`` (0: ACDC's slice
     axis; -1: LA's depth axis)."""
 
     def __init__(self, n_slices: int = 3, axis: int = 0):
         self.n_slices, self.axis = n_slices, axis
 
-    @torch.no_grad()
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero or trainer.sanity_checking or not trainer.log_dir:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        example = getattr(pl_module, "example", None)
+        if not trainer.is_global_zero or trainer.sanity_checking or not log_dir or example is None:
             return
-        case = next(iter(trainer.datamodule.val_dataloader()))
-        image = case["image"].to(pl_module.device)
-        pred = pl_module.predict_case(image).argmax(1)[0].cpu().numpy()
-        volume, label = case["image"][0, 0].numpy(), case["label"][0].numpy()
-        volume, label, pred = (np.moveaxis(a, self.axis, 0) for a in (volume, label, pred))
+        volume, label, pred = (np.moveaxis(example[k], self.axis, 0) for k in ("image", "label", "prediction"))
         idx = middle_slices(volume, self.n_slices)
         picture = panel(volume[idx], {"ground truth": label[idx], "prediction": pred[idx]})
-        save_png(picture, Path(trainer.log_dir) / "images" / f"val_step{trainer.global_step}.png")
+        save_png(picture, Path(log_dir) / "images" / f"val_step{trainer.global_step}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="val/overlay", images=[picture], step=trainer.global_step,
-                                 caption=[f"{case['case'][0]}: image | ground truth | prediction"])
+                                 caption=[f"{example['case']}: image | ground truth | prediction"])

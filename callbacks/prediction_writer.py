@@ -16,11 +16,13 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.folder = folder
 
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.out = Path(trainer.log_dir or ".") / self.folder  # log_dir is a collective under DDP: ask once
+        self.out.mkdir(parents=True, exist_ok=True)
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
-        out = Path(trainer.log_dir or ".") / self.folder
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{prediction['case']}.h5"
+        path = self.out / f"{prediction['case']}.h5"
         tmp = path.with_suffix(".h5.tmp")
         with h5py.File(tmp, "w") as f:
             f.create_dataset("prediction", data=prediction["prediction"].numpy(), compression="gzip")

@@ -156,7 +156,7 @@ def peak_memory_mb() -> float:
 def speed(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     accelerator = "gpu" if device.type == "cuda" else "cpu"
-    print(f"| method | input | batch | framework steps/s | reference steps/s | ratio (min..max) | images/s (fw) | peak MB |")
+    print("| method | input | batch | framework steps/s | reference steps/s | ratio (min..max) | images/s (fw) | peak MB |")
     print("|---|---|---|---|---|---|---|---|")
     for name, make_net, classes, shape, n_lab, n_unl, dice_bg in SHAPES[args.size]:
         for method in args.methods:

@@ -91,6 +91,7 @@ class SegmentationModule(L.LightningModule):
         self.roi_size = tuple(roi_size)
         self.sw_stride = tuple(sw_stride) if sw_stride else tuple(max(r // 2, 1) for r in self.roi_size)
         self._rows: list[dict] = []
+        self.example: dict | None = None
 
     # ---- training -------------------------------------------------------------------------------------------
     def supervised_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -144,9 +145,12 @@ class SegmentationModule(L.LightningModule):
         return probs.movedim(0, 1)[None]
 
     # ---- evaluation: per-case rows, gathered across ranks ---------------------------------------------------
-    def _evaluate_case(self, case: dict) -> None:
+    def _evaluate_case(self, case: dict, batch_idx: int) -> None:
         pred = self.predict_case(case["image"]).argmax(1)[0].cpu().numpy()
         gt = case["label"][0].cpu().numpy()
+        if batch_idx == 0:  # kept for callbacks (ImageLogger) so they need not predict again
+            self.example = {"case": case["case"][0], "image": case["image"][0, 0].cpu().numpy(), "label": gt,
+                            "prediction": pred}
         spacing = case.get("spacing", [None])[0]
         spacing = None if spacing is None else tuple(float(s) for s in spacing)
         self._rows += case_metrics(pred, gt, self.hparams.num_classes, case["case"][0], spacing,
@@ -174,19 +178,20 @@ class SegmentationModule(L.LightningModule):
         for key, value in summary.items():
             if not (isinstance(value, float) and math.isnan(value)):
                 self.log(f"{stage}/{key}", float(value), sync_dist=False, rank_zero_only=False)
-        if self.trainer.is_global_zero and self.trainer.log_dir and not self.trainer.sanity_checking:
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        if self.trainer.is_global_zero and log_dir and not self.trainer.sanity_checking:
             step_rows = [{"step": self.global_step, **r} for r in rows]
-            write_rows_csv(step_rows, Path(self.trainer.log_dir) / f"per_case_{stage}.csv")
+            write_rows_csv(step_rows, Path(log_dir) / f"per_case_{stage}.csv")
         self.last_summary = {stage: summary}
 
     def validation_step(self, case: dict, batch_idx: int) -> None:
-        self._evaluate_case(case)
+        self._evaluate_case(case, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._finish_evaluation("val")
 
     def test_step(self, case: dict, batch_idx: int) -> None:
-        self._evaluate_case(case)
+        self._evaluate_case(case, batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._finish_evaluation("test")

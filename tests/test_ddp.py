@@ -1,0 +1,61 @@
+"""2-process DDP on CPU (gloo): identical teachers on every rank; validation equals a single-process evaluation."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from tests.conftest import REPO
+from tests.test_experiments import phantom_args
+
+pytestmark = pytest.mark.slow
+
+
+class SaveTeacherPerRank(L.Callback):
+    """Writes each rank's full teacher state (parameters and buffers) at the end of training."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def on_train_end(self, trainer, pl_module):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save(pl_module.teacher.state_dict(), self.folder / f"teacher_rank{trainer.global_rank}.pt")
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return sorted(({k: v for k, v in r.items() if k != "step"} for r in csv.DictReader(f)),
+                      key=lambda r: (r["case"], r["class"]))
+
+
+def test_ddp_mean_teacher_two_ranks(acdc_phantom, la_phantom, tmp_path):
+    # 3 validation cases on 2 ranks: the distributed sampler pads one, which must be de-duplicated.
+    cases = (acdc_phantom / "val.list").read_text().split() + (acdc_phantom / "test.list").read_text().split()[:1]
+    (acdc_phantom / "odd.list").write_text("\n".join(cases) + "\n")
+    config = REPO / "experiments" / "acdc" / "mean_teacher.yaml"
+    odd = ["--data.init_args.val_list=odd.list"]
+    args = phantom_args(config, acdc_phantom, la_phantom, tmp_path) + odd + [
+        "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.devices=2",
+        "--trainer.strategy=ddp", "--trainer.callbacks+=tests.test_ddp.SaveTeacherPerRank",
+        f"--trainer.callbacks.folder={tmp_path / 'teachers'}"]
+    done = subprocess.run([sys.executable, "-m", "experiments", "fit", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    t0, t1 = (torch.load(tmp_path / "teachers" / f"teacher_rank{r}.pt") for r in (0, 1))
+    assert t0.keys() == t1.keys()
+    for key in t0:
+        assert torch.equal(t0[key], t1[key]), key  # bit-identical, buffers included
+
+    (run,) = [p.parent for p in tmp_path.rglob("per_case_val.csv")]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    single = subprocess.run([sys.executable, "-m", "experiments", "validate",
+                             *phantom_args(config, acdc_phantom, la_phantom, tmp_path / "single"), *odd,
+                             f"--ckpt_path={ckpt}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    (single_csv,) = (tmp_path / "single").rglob("per_case_val.csv")
+    ddp_rows, single_rows = rows(run / "per_case_val.csv"), rows(single_csv)
+    assert len(ddp_rows) == len(single_rows) == 3 * len(cases)
+    assert ddp_rows == single_rows
