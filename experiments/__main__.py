@@ -51,7 +51,15 @@ def finish_wandb() -> None:
 
 
 class LemisCLI(LightningCLI):
-    """LightningCLI with omegaconf interpolation; model and data are chosen by ``class_path``."""
+    """LightningCLI with omegaconf interpolation; model and data are chosen by ``class_path``.
+
+    The model's inference ROI is linked to the data's training patch (``data.init_args.patch_size`` ->
+    ``model.init_args.roi_size``): a YAML interpolation would be resolved before command-line overrides and
+    leave the two apart when a run overrides the patch.
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.init_args.patch_size", "model.init_args.roi_size")
 
     def __init__(self, args=None, run: bool = True):
         super().__init__(

@@ -35,6 +35,7 @@ def test_experiment_runs_on_phantoms(config, acdc_phantom, la_phantom, tmp_path)
     run = Path(cli.trainer.log_dir)
     summary = cli.model.last_summary["val"]
     assert cli.trainer.global_step == 2
+    assert cli.model.roi_size == cli.datamodule.patch_size  # inference ROI follows a patch override
     assert 0.0 <= summary["dice/mean"] <= 1.0 and summary["n_cases"] >= 1
     assert (run / "per_case_val.csv").is_file() and (run / "config.yaml").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()
