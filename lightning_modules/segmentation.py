@@ -43,9 +43,9 @@ def overlap_for_stride(roi_size: tuple[int, ...], stride: tuple[int, ...]) -> li
     """Per-axis MONAI overlap whose scan interval int(roi * (1 - overlap)) equals ``stride`` exactly.
 
     MONAI then places windows at min(i * stride, size - roi), which is UA-MT's test_util placement; half a
-    voxel of slack keeps float rounding from giving stride - 1.
+    voxel of slack keeps float rounding from giving stride - 1; a stride >= roi means no overlap.
     """
-    return [1.0 - (s + 0.5) / r for r, s in zip(roi_size, stride)]
+    return [max(1.0 - (s + 0.5) / r, 0.0) for r, s in zip(roi_size, stride)]
 
 
 class SegmentationModule(L.LightningModule):

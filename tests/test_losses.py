@@ -100,7 +100,8 @@ def ua_mt_starts(size: int, patch: int, stride: int) -> list[int]:
     return [min(stride * i, size - patch) for i in range(n)]
 
 
-@pytest.mark.parametrize("size,patch,stride", [(187, 112, 18), (137, 112, 18), (88, 80, 4), (112, 112, 18), (150, 112, 18)])
+@pytest.mark.parametrize("size,patch,stride", [(187, 112, 18), (137, 112, 18), (88, 80, 4), (112, 112, 18),
+                                               (150, 112, 18), (150, 64, 64)])
 def test_sliding_window_overlap_reproduces_ua_mt_placement(size, patch, stride):
     from monai.data.utils import dense_patch_slices
     from monai.inferers.utils import _get_scan_interval
