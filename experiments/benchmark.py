@@ -159,6 +159,8 @@ def speed(args) -> None:
     print("| method | input | batch | framework steps/s | reference steps/s | ratio (min..max) | images/s (fw) | peak MB |")
     print("|---|---|---|---|---|---|---|---|")
     for name, make_net, classes, shape, n_lab, n_unl, dice_bg in SHAPES[args.size]:
+        if name not in args.inputs:
+            continue
         for method in args.methods:
             batch = fixed_batch(method, classes, shape, n_lab, n_unl, device)
             fw, ref = [], []
@@ -173,6 +175,12 @@ def speed(args) -> None:
             print(f"| {method} | {name} {'x'.join(map(str, shape))} | {n_lab}+{n_unl} | {statistics.median(fw):.3f} | "
                   f"{statistics.median(ref):.3f} | {statistics.median(ratios):.3f} ({min(ratios):.3f}..{max(ratios):.3f}) | "
                   f"{images:.1f} | {peak_memory_mb():.0f} |", flush=True)
+
+
+def endless(loader):
+    """Batches of ``loader`` epoch after epoch (small budgets make epochs of a few batches)."""
+    while True:
+        yield from loader
 
 
 def data(args) -> None:
@@ -196,11 +204,11 @@ def data(args) -> None:
     print("|---|---|---|---|")
     for name, dm in modules.items():
         dm.setup("fit")
-        loader = iter(dm.train_dataloader())
-        next(loader)  # worker start-up and cache fill are not steady state
+        batches = endless(dm.train_dataloader())
+        next(batches)  # worker start-up and cache fill are not steady state
         start = time.perf_counter()
         for _ in range(args.batches):
-            next(loader)
+            next(batches)
         rate = args.batches * dm.batch_size / (time.perf_counter() - start)
         print(f"| {name} | {args.workers} | {args.batches} | {rate:.1f} |", flush=True)
 
@@ -213,6 +221,7 @@ def main(argv=None) -> int:
     size.add_argument("--full", dest="size", action="store_const", const="full")
     parser.set_defaults(size="cpu")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--inputs", nargs="+", default=["acdc2d", "la3d"], choices=["acdc2d", "la3d"])
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
