@@ -209,7 +209,8 @@ class SegmentationDataModule(L.LightningDataModule):
         return data
 
     def _reader(self, path_of: Callable[[str], Path], keys: tuple[str, ...]) -> Callable[[str], dict]:
-        return lambda item: self._read(path_of(item), keys)
+        """item -> its arrays (checked, cached) plus its id under "case"."""
+        return lambda item: {**self._read(path_of(item), keys), "case": item}
 
     def _checked(self, items: list[str], path_of: Callable[[str], Path], keys: tuple[str, ...]) -> list[str]:
         """Read every file once before training so bad input fails now, not at step 10,000."""
@@ -228,8 +229,7 @@ class SegmentationDataModule(L.LightningDataModule):
             raise DataError(f"the {stage} split under {self.root} names no case to evaluate.")
         keys = ("image",) if stage == "predict" else ("image", "label")
         self._checked(cases, self.case_path, keys)
-        return SampleDataset(cases, lambda c: {**self._read(self.case_path(c), keys), "case": c},
-                             lambda d: self.eval_case(d, d["case"]))
+        return SampleDataset(cases, self._reader(self.case_path, keys), lambda d: self.eval_case(d, d["case"]))
 
     def _train_datasets(self) -> None:
         groups, labeled, unlabeled = self.split()
@@ -241,15 +241,13 @@ class SegmentationDataModule(L.LightningDataModule):
         self.labeled_groups = groups
         both, image_only = ("image", "label"), ("image",)
         self._checked(labeled, self.train_path, both)
-        self.datasets["labeled"] = SampleDataset(
-            labeled, lambda i: {**self._read(self.train_path(i), both), "case": i},
-            lambda d: self.train_sample(d, d["case"]))
+        self.datasets["labeled"] = SampleDataset(labeled, self._reader(self.train_path, both),
+                                                 lambda d: self.train_sample(d, d["case"]))
         if self.two_streams:
             # Unlabeled labels are never read, so a budget experiment cannot leak them.
             self._checked(unlabeled, self.train_path, image_only)
-            self.datasets["unlabeled"] = SampleDataset(
-                unlabeled, lambda i: {**self._read(self.train_path(i), image_only), "case": i},
-                lambda d: self.train_sample(d, d["case"]))
+            self.datasets["unlabeled"] = SampleDataset(unlabeled, self._reader(self.train_path, image_only),
+                                                       lambda d: self.train_sample(d, d["case"]))
 
     def setup(self, stage: str | None = None) -> None:
         if not self.root.is_dir():
