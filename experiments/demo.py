@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from callbacks.image_logger import middle_slices, panel, save_png
 from datamodules.errors import LemisError
 from datamodules.phantoms import ensure_phantoms
@@ -37,19 +35,17 @@ def dice_table(summaries: dict[str, dict], class_names: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-@torch.no_grad()
 def picture(clis: dict[str, LemisCLI]) -> Path:
-    """Image / ground truth / each method's prediction on the middle slices of the first val case."""
-    first = next(iter(clis.values()))
-    case = next(iter(first.datamodule.val_dataloader()))
-    volume, label = case["image"][0, 0].numpy(), case["label"][0].numpy()
-    idx = middle_slices(volume, 3)
-    columns = {"ground truth": label[idx]}
-    for method, cli in clis.items():
-        cli.model.eval()
-        columns[method] = cli.model.predict_case(case["image"]).argmax(1)[0].numpy()[idx]
+    """Image / ground truth / each method's prediction on the middle slices of the first val case.
+
+    Each module keeps its last validation's first case (``example``), so nothing is predicted again.
+    """
+    first = next(iter(clis.values())).model.example
+    idx = middle_slices(first["image"], 3)
+    columns = {"ground truth": first["label"][idx]}
+    columns.update({method: cli.model.example["prediction"][idx] for method, cli in clis.items()})
     path = OUT / "demo.png"
-    save_png(panel(volume[idx], columns), path)
+    save_png(panel(first["image"][idx], columns), path)
     return path
 
 

@@ -1,4 +1,6 @@
 """DataModules: label budgets, streams, batch keys, and one-sentence errors for bad input."""
+import shutil
+
 import h5py
 import numpy as np
 import pytest
@@ -61,7 +63,6 @@ def test_single_stream_batch_and_whole_volume_cases(acdc_phantom):
 
 
 def test_unlabeled_labels_are_never_read(acdc_phantom, tmp_path):
-    import shutil
     root = tmp_path / "acdc"
     shutil.copytree(acdc_phantom, root)
     dm = acdc(root)
@@ -77,7 +78,6 @@ def test_missing_root(tmp_path):
 
 
 def test_missing_list_file(acdc_phantom, tmp_path):
-    import shutil
     root = tmp_path / "acdc"
     shutil.copytree(acdc_phantom, root)
     (root / "train_slices.list").unlink()
@@ -86,7 +86,6 @@ def test_missing_list_file(acdc_phantom, tmp_path):
 
 
 def _copy_with(acdc_phantom, tmp_path, edit):
-    import shutil
     root = tmp_path / "acdc"
     shutil.copytree(acdc_phantom, root)
     dm = acdc(root)
