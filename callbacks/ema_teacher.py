@@ -7,14 +7,14 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from lightning_modules.losses import ema_alpha
 
 
 class EMATeacher(L.Callback):
     """Creates ``pl_module.teacher`` (a frozen deep copy of ``pl_module.net``) and updates it after every
-    optimizer step: theta_T <- alpha_t theta_T + (1 - alpha_t) theta_S, alpha_t = min(1 - 1/(t+1), decay),
-    t = the index of the optimizer step just taken (mean_teacher.md sec. 1 step 7). ``decay`` is the module's
-    ``ema_decay`` option, so a config or sweep sets it in one place (``model.init_args.ema_decay``).
+    optimizer step: theta_T <- alpha_t theta_T + (1 - alpha_t) theta_S with alpha_t = ``pl_module.teacher_alpha(t)``,
+    t = the index of the optimizer step just taken. The module owns the schedule (MeanTeacher:
+    min(1 - 1/(t+1), ema_decay), mean_teacher.md sec. 1 step 7), so a config or sweep sets it in one place
+    (``model.init_args.ema_decay``).
 
     Only parameters are averaged; the teacher's BatchNorm buffers evolve from its own train-mode forwards,
     as in both published codes. Under DDP every rank averages the same student, so parameters agree; the
@@ -38,7 +38,7 @@ class EMATeacher(L.Callback):
         if step <= self.last_step:  # gradient accumulation: no optimizer step on this batch
             return
         self.last_step = step
-        self.update(pl_module.teacher, pl_module.net, ema_alpha(step, pl_module.hparams.ema_decay))
+        self.update(pl_module.teacher, pl_module.net, pl_module.teacher_alpha(step))
         if trainer.world_size > 1:
             broadcast_buffers(pl_module.teacher)
 

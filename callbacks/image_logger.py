@@ -28,10 +28,15 @@ def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndar
 def panel(image: np.ndarray, columns: dict[str, np.ndarray], scale: int = 3) -> Image.Image:
     """One row per slice: the image, then one overlay per named label map.
 
-    image: (N, H, W) slices; columns: title -> (N, H, W) label maps. Titles are written above each column.
+    image: (N, H, W) slices; columns: title -> (N, H, W) label maps (integer: overlaid on the image) or
+    images (floating point: drawn in grey). Titles are written above each column.
     """
-    tiles = [[overlay(image[i], np.zeros_like(image[i], dtype=np.int64))] +
-             [overlay(image[i], maps[i]) for maps in columns.values()] for i in range(image.shape[0])]
+    def tile(i: int, maps: np.ndarray) -> np.ndarray:
+        if np.issubdtype(maps.dtype, np.floating):
+            return overlay(maps[i], np.zeros(maps[i].shape, dtype=np.int64))
+        return overlay(image[i], maps[i])
+
+    tiles = [[tile(i, image)] + [tile(i, maps) for maps in columns.values()] for i in range(image.shape[0])]
     rows = [np.concatenate(row, axis=1) for row in tiles]
     grid = Image.fromarray(np.concatenate(rows, axis=0))
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
@@ -66,10 +71,31 @@ class ImageLogger(L.Callback):
     """After each validation, a PNG of the module's first validation case (``pl_module.example``: image /
     ground truth / prediction, kept by SegmentationModule so nothing is predicted twice) in
     ``<run dir>/images/val_step<step>.png``: ``n_slices`` slices across spatial axis ``axis`` (0: ACDC's slice
-    axis; -1: LA's depth axis)."""
+    axis; -1: LA's depth axis).
 
-    def __init__(self, n_slices: int = 3, axis: int = 0):
-        self.n_slices, self.axis = n_slices, axis
+    Every ``every_n_train_steps`` steps (0: never), methods that keep a ``pl_module.train_example`` (one
+    training sample: ``image`` [*S] then named maps [*S], e.g. SGRS's pseudo label and regions) get
+    ``images/train_step<step>.png``; 2D samples are drawn as one slice.
+    """
+
+    def __init__(self, n_slices: int = 3, axis: int = 0, every_n_train_steps: int = 0):
+        self.n_slices, self.axis, self.every_n_train_steps = n_slices, axis, every_n_train_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        example = getattr(pl_module, "train_example", None)
+        k, step = self.every_n_train_steps, trainer.global_step
+        if not k or step % k or example is None:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not trainer.is_global_zero or not log_dir:
+            return
+        arrays = {name: value.detach().cpu().numpy() for name, value in example.items()}
+        flat = arrays["image"].ndim == 2
+        arrays = {name: a[None] if flat else np.moveaxis(a, self.axis, 0) for name, a in arrays.items()}
+        image = arrays.pop("image")
+        idx = [0] if flat else middle_slices(image, self.n_slices)
+        picture = panel(image[idx], {name: a[idx] for name, a in arrays.items()})
+        self._publish(trainer, picture, f"train_step{step}", "train/overlay", " | ".join(["image", *arrays]))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
@@ -79,8 +105,12 @@ class ImageLogger(L.Callback):
         volume, label, pred = (np.moveaxis(example[k], self.axis, 0) for k in ("image", "label", "prediction"))
         idx = middle_slices(volume, self.n_slices)
         picture = panel(volume[idx], {"ground truth": label[idx], "prediction": pred[idx]})
-        save_png(picture, Path(log_dir) / "images" / f"val_step{trainer.global_step}.png")
+        self._publish(trainer, picture, f"val_step{trainer.global_step}", "val/overlay",
+                      f"{example['case']}: image | ground truth | prediction")
+
+    @staticmethod
+    def _publish(trainer, picture: Image.Image, name: str, key: str, caption: str) -> None:
+        save_png(picture, Path(trainer.log_dir) / "images" / f"{name}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="val/overlay", images=[picture], step=trainer.global_step,
-                                 caption=[f"{example['case']}: image | ground truth | prediction"])
+                logger.log_image(key=key, images=[picture], step=trainer.global_step, caption=[caption])

@@ -50,6 +50,10 @@ class MeanTeacher(SegmentationModule):
         return losses.consistency_weight(step, hp.consistency, hp.consistency_rampup, hp.rampup_epoch_len,
                                          hp.consistency_gate_steps)
 
+    def teacher_alpha(self, step: int) -> float:
+        """EMA coefficient after optimizer step t (0-based), used by callbacks.EMATeacher."""
+        return losses.ema_alpha(step, self.hparams.ema_decay)
+
     def teacher_input(self, image: torch.Tensor) -> torch.Tensor:
         """x_u' = x_u + clip(n, -clip, clip), n ~ N(0, std^2) per voxel (step 2)."""
         noise = (torch.randn_like(image) * self.hparams.noise_std).clamp(-self.hparams.noise_clip,

@@ -98,6 +98,8 @@ def test_mean_teacher_refuses_a_single_stream(acdc_phantom, la_phantom, tmp_path
                                 "--data.init_args.labeled_batch_size=2"]),
     ("la/mean_teacher.yaml", ["--data.init_args.present=present.list", "--data.init_args.labeled=4",
                               "--data.init_args.patch_size=[64, 64, 48]", "--model.init_args.sw_stride=[64, 64, 48]"]),
+    ("la/sgrs.yaml", ["--data.init_args.present=present.list", "--data.init_args.labeled=4",
+                      "--data.init_args.patch_size=[64, 64, 48]", "--model.init_args.sw_stride=[64, 64, 48]"]),
 ])
 def test_real_data_training_step_and_whole_volume_validation(config, overrides, tmp_path):
     from tests.conftest import real

@@ -1,0 +1,188 @@
+"""SGRS-Net (spec/methods/sgrs.md): the hand-checkable example of sec. 12, mixing, uncertainty rules, ramp,
+the code-quirk options, and one run on phantoms with region logging and drawing."""
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from experiments.__main__ import LemisCLI
+from lightning_modules import losses
+from lightning_modules.sgrs import (SGRS, draw_mix, masked_soft_dice, mix, region_map, regional_ce, sgrs_code_dice,
+                                    synergy_regions, uncertain, weight_ema_step)
+from tests.conftest import REPO
+from tests.test_experiments import phantom_args
+
+# sec. 12: K = 2, B_u = 1, 4 voxels; logits z = ln p.
+P_U_FG = [0.90, 0.20, 0.45, 0.60]
+P_M_FG = [0.80, 0.70, 0.10, 0.44]
+PSEUDO = torch.tensor([[1, 0, 0, 1]])
+
+
+def logits_of(fg: list[float]) -> torch.Tensor:
+    """[1, 2, 4] logits whose softmax is (1 - fg, fg)."""
+    p = torch.tensor(fg, dtype=torch.float64)
+    return torch.stack([1 - p, p])[None].log()
+
+
+def example_regions() -> dict:
+    return synergy_regions(torch.softmax(logits_of(P_U_FG), 1), torch.softmax(logits_of(P_M_FG), 1), 0.425)
+
+
+def as_list(mask: torch.Tensor) -> list[int]:
+    return mask[0].int().tolist()
+
+
+def test_regions_of_the_hand_example():
+    r = example_regions()
+    assert as_list(r["C"]) == [1, 0, 1, 0] and as_list(r["D"]) == [0, 1, 0, 1]
+    assert as_list(r["I"]) == [0, 0, 1, 1]
+    assert as_list(r["C'"]) == [1, 0, 0, 0] and as_list(r["D'"]) == [0, 1, 0, 0]
+    assert region_map(r)[0].tolist() == [2, 1, 4, 4]  # C' green, D' red, I yellow
+
+
+@pytest.mark.parametrize("ce_mask,view_u,view_m", [("C'", 0.1167834, 0.3355966), ("C", 0.2662426, 0.3619368)])
+def test_regional_ce_terms(ce_mask, view_u, view_m):
+    r = example_regions()
+    ce_u = regional_ce(logits_of(P_U_FG), PSEUDO, r[ce_mask], r["D'"], eps=0.2)
+    ce_m = regional_ce(logits_of(P_M_FG), PSEUDO, r[ce_mask], r["D'"], eps=0.2)
+    assert ce_u.item() == pytest.approx(view_u, abs=1e-7) and ce_m.item() == pytest.approx(view_m, abs=1e-7)
+
+
+@pytest.mark.parametrize("fg,mask,smooth,expected", [
+    (P_U_FG, "C'", 1.0, 0.0626959), (P_M_FG, "C'", 1.0, 0.1190476),
+    (P_U_FG, "D'", 20.0, 0.0095377), (P_M_FG, "D'", 20.0, 0.0333401),
+])
+def test_masked_soft_dice_terms(fg, mask, smooth, expected):
+    probs = torch.softmax(logits_of(fg), 1)
+    assert masked_soft_dice(probs, PSEUDO, example_regions()[mask], smooth).item() == pytest.approx(expected, abs=1e-7)
+
+
+def test_empty_mask_gives_zero_dice_loss():
+    probs = torch.softmax(logits_of(P_U_FG), 1)
+    assert masked_soft_dice(probs, PSEUDO, torch.zeros(1, 4, dtype=torch.bool), 1.0).item() == pytest.approx(0, abs=1e-7)
+
+
+def module(**kwargs) -> SGRS:
+    return SGRS(net=nn.Identity(), num_classes=2, **kwargs)
+
+
+@pytest.mark.parametrize("ce_mask,expected", [("c_prime", 0.1411727), ("c", 0.1851225)])
+def test_pseudo_loss_of_the_hand_example(ce_mask, expected):
+    terms = module(consistent_ce_mask=ce_mask).pseudo_loss(logits_of(P_U_FG), logits_of(P_M_FG), PSEUDO,
+                                                          example_regions())
+    assert terms["dice"].item() == pytest.approx(0.0561553, abs=1e-7)
+    assert terms["ce"].item() == pytest.approx(0.2261900 if ce_mask == "c_prime" else 0.3140897, abs=1e-7)
+    assert terms["pseudo"].item() == pytest.approx(expected, abs=1e-7)
+    weight = module().consistency_weight(3000)
+    if ce_mask == "c_prime":
+        assert weight * terms["pseudo"].item() == pytest.approx(0.0404466, abs=1e-7)
+
+
+def test_broadcast_bug_weights_every_sample_by_every_mask():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 3, 5, 5), torch.randint(0, 3, (2, 5, 5))
+    hard, soft = torch.rand(2, 5, 5) > 0.5, torch.rand(2, 5, 5) > 0.5
+    ce_ls = torch.nn.functional.cross_entropy(logits, target, reduction="none", label_smoothing=0.2)
+    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    expected = (hard * ce).mean() + sum((soft[i] * ce_ls[j]).mean() for i in range(2) for j in range(2)) / 4
+    assert regional_ce(logits, target, hard, soft, 0.2, broadcast_bug=True).item() == pytest.approx(expected.item())
+    per_sample = (hard * ce).mean() + (soft * ce_ls).mean()
+    assert regional_ce(logits, target, hard, soft, 0.2).item() == pytest.approx(per_sample.item())
+
+
+@pytest.mark.parametrize("raw,expected,lam", [(0.3, [0.7, 0.6], 0.7), (0.8, [0.8, 0.4], 0.8)])
+def test_mix_folds_lambda_and_blends_with_the_partner(raw, expected, lam):
+    x_u = torch.tensor([1.0, 0.0]).view(1, 1, 2)
+    x_l = torch.tensor([0.0, 2.0]).view(1, 1, 2)
+    x_m, lam_out = mix(x_u, x_l, torch.tensor([raw]), torch.tensor([0]))
+    assert x_m.flatten().tolist() == pytest.approx(expected) and lam_out.item() == pytest.approx(lam)
+
+
+def test_draw_mix_partners_are_distinct_when_batches_match():
+    torch.manual_seed(1)
+    lam_raw, partner = draw_mix(4, 4, 0.75)
+    assert sorted(partner.tolist()) == [0, 1, 2, 3] and ((lam_raw > 0) & (lam_raw < 1)).all()
+    _, partner = draw_mix(5, 2, 0.75)
+    assert partner.max() <= 1
+
+
+def test_uncertainty_rules_reduce_to_the_binary_code_rule():
+    tau = 0.425
+    grid = torch.linspace(0.001, 0.999, 999)
+    grid = grid[((grid - tau).abs() > 1e-4) & ((grid - 1 + tau).abs() > 1e-4)]
+    probs = torch.stack([grid, 1 - grid], 1).double()  # [N, 2]: p_0 on the grid
+    code_rule = (grid > tau) & (grid < 1 - tau)
+    assert torch.equal(uncertain(probs, tau, "maxprob"), code_rule)
+    assert torch.equal(uncertain(probs, tau, "entropy"), code_rule)
+    h = -(tau * math.log10(tau) + (1 - tau) * math.log10(1 - tau))
+    assert h == pytest.approx(0.296126, abs=1e-6)  # the paper's base-10 entropy threshold
+
+
+@pytest.mark.parametrize("p,maxprob,entropy", [((0.5, 0.45, 0.05), True, False), ((0.6, 0.3, 0.1), False, False),
+                                               ((0.4, 0.3, 0.3), True, True)])
+def test_three_class_uncertainty(p, maxprob, entropy):
+    probs = torch.tensor(p, dtype=torch.float64)[None]
+    assert uncertain(probs, 0.425, "maxprob").item() is maxprob
+    assert uncertain(probs, 0.425, "entropy").item() is entropy
+
+
+@pytest.mark.parametrize("step,weight", [(0, 0.006738), (149, 0.006738), (150, 0.008625), (1499, 0.049632),
+                                         (1500, 0.060055), (3000, 0.286505), (4500, 0.731616), (5999, 0.996880),
+                                         (6000, 1.0), (15000, 1.0)])
+def test_rampup_values(step, weight):
+    assert module().consistency_weight(step) == pytest.approx(weight, abs=1e-6)
+
+
+def test_supervised_dice_variants():
+    probs = torch.tensor([[0.8, 0.4], [0.2, 0.6]])[None]  # [1, K=2, 2 voxels]
+    label = torch.tensor([[0, 1]])
+    assert sgrs_code_dice(probs, label).item() == pytest.approx(0.5634921, abs=1e-7)
+    assert losses.dice_loss(probs, label).item() == pytest.approx(0.1269833, abs=1e-7)
+
+
+def test_double_ema_decays_the_student_and_averages_bn_statistics():
+    torch.manual_seed(0)
+    student, teacher = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    with torch.no_grad():
+        for m in (student, teacher):
+            for t in (m.weight, m.bias, m.running_mean, m.running_var):
+                t.uniform_(0.5, 1.5)
+    s0 = {k: v.clone() for k, v in student.state_dict().items()}
+    e0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    weight_ema_step(teacher, student, 0.99, 2e-4)
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.allclose(teacher.state_dict()[key], 0.99 * e0[key] + 0.01 * s0[key])
+        assert torch.allclose(student.state_dict()[key], s0[key] * (1 - 2e-4))
+    assert teacher.num_batches_tracked == e0["num_batches_tracked"]  # integer entries untouched
+    assert module(ema_mode="double").teacher_alpha(0) == 0.5 and module().teacher_alpha(0) == 0.0
+    assert module(ema_mode="double").teacher_alpha(500) == 0.99
+
+
+@pytest.mark.parametrize("option", ["uncertainty_rule=median", "ema_mode=triple", "tau=0.6"])
+def test_bad_options_name_themselves(option):
+    name, value = option.split("=")
+    with pytest.raises(Exception, match=f"model.{name}"):
+        module(**{name: float(value) if name == "tau" else value})
+
+
+@pytest.mark.parametrize("config", ["acdc/sgrs.yaml", "la/sgrs.yaml"])
+def test_sgrs_logs_regions_and_draws_them(config, acdc_phantom, la_phantom, tmp_path):
+    cfg = yaml.safe_load((REPO / "experiments" / config).read_text())
+    logger = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ImageLogger"))
+    logger["init_args"]["every_n_train_steps"] = 1
+    (tmp_path / "sgrs.yaml").write_text(yaml.safe_dump(cfg))
+    args = phantom_args(tmp_path / "sgrs.yaml", acdc_phantom, la_phantom, tmp_path)
+    cli = LemisCLI(args=["fit", *args, "--trainer.log_every_n_steps=1", "--model.init_args.ema_mode=double"])
+    run = Path(cli.trainer.log_dir)
+    with open(run / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("sgrs/frac_c_prime")]
+    assert len(rows) == 2
+    for r in rows:  # C', D', I partition the voxels; the folded lambda lies in [0.5, 1]
+        parts = sum(float(r[f"sgrs/frac_{k}"]) for k in ("c_prime", "d_prime", "uncertain"))
+        assert parts == pytest.approx(1.0) and 0.5 <= float(r["sgrs/lambda_mean"]) <= 1.0
+    assert (run / "images" / "train_step1.png").is_file() and (run / "images" / "train_step2.png").is_file()
+    assert "ema_mode: double" in (run / "hparams.yaml").read_text()
