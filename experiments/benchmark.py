@@ -28,6 +28,7 @@ from lightning_modules.mean_teacher import MeanTeacher
 from lightning_modules.nets.unet2d import UNet2D
 from lightning_modules.nets.vnet import VNet
 from lightning_modules.segmentation import lr_factor
+from lightning_modules.sgrs import SGRS, draw_mix, masked_soft_dice, mix, regional_ce, synergy_regions
 from lightning_modules.supervised import Supervised
 
 # (name, net factory, channels, classes, spatial shape, labeled, unlabeled, dice_include_background)
@@ -39,18 +40,19 @@ SHAPES = {
     "full": [("acdc2d", lambda: UNet2D(1, 4), 4, (256, 256), 12, 12, True),
              ("la3d", lambda: VNet(1, 2, has_dropout=True), 2, (112, 112, 80), 2, 2, False)],
 }
-METHODS = ("supervised", "mean_teacher")
+METHODS = ("supervised", "mean_teacher", "sgrs")
+TEACHER_METHODS = ("mean_teacher", "sgrs")
 MAX_STEPS = 30000
 
 
 def fixed_batch(method: str, classes: int, shape, n_lab: int, n_unl: int, device) -> dict:
-    """One in-memory training batch in the DataModule's format (two streams for Mean Teacher)."""
+    """One in-memory training batch in the DataModule's format (two streams for the teacher methods)."""
     g = torch.Generator().manual_seed(0)
-    lab = {"image": torch.randn(n_lab if method == "mean_teacher" else n_lab + n_unl, 1, *shape, generator=g),
-           "case": ["x"]}
+    two_streams = method in TEACHER_METHODS
+    lab = {"image": torch.randn(n_lab if two_streams else n_lab + n_unl, 1, *shape, generator=g), "case": ["x"]}
     lab["label"] = torch.randint(0, classes, (lab["image"].shape[0], *shape), generator=g)
     lab = {k: v.to(device) if torch.is_tensor(v) else v for k, v in lab.items()}
-    if method != "mean_teacher":
+    if not two_streams:
         return lab
     unl = {"image": torch.randn(n_unl, 1, *shape, generator=g).to(device), "case": ["x"]}
     return {"labeled": lab, "unlabeled": unl}
@@ -60,6 +62,8 @@ def build_module(method: str, net, classes: int, dice_bg: bool):
     kwargs = dict(net=net, num_classes=classes, dice_include_background=dice_bg)
     if method == "mean_teacher":
         return MeanTeacher(consistency_gate_steps=0, **kwargs)  # the consistency term is on in every step timed
+    if method == "sgrs":
+        return SGRS(**kwargs)
     return Supervised(**kwargs)
 
 
@@ -115,10 +119,42 @@ def framework_block(module, batch, warmup: int, steps: int, accelerator: str) ->
     return steps / (clock.end - clock.start)
 
 
+def _noisy(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.randn_like(x) * 0.1).clamp(-0.2, 0.2)
+
+
+def mean_teacher_loss(net, teacher, batch, step: int, dice_bg: bool) -> torch.Tensor:
+    lab, unl = batch["labeled"], batch["unlabeled"]
+    n = lab["image"].shape[0]
+    logits = net(torch.cat([lab["image"], unl["image"]]))
+    with torch.no_grad():
+        q = torch.softmax(teacher(_noisy(unl["image"])), dim=1)
+    return (losses.supervised_loss(logits[:n], lab["label"], dice_bg)
+            + losses.consistency_weight(step, 0.1, 200, 150) * losses.softmax_mse(torch.softmax(logits[n:], 1), q))
+
+
+def sgrs_loss(net, teacher, batch, step: int, dice_bg: bool) -> torch.Tensor:
+    x_l, y_l, x_u = batch["labeled"]["image"], batch["labeled"]["label"], batch["unlabeled"]["image"]
+    n_l, n_u = x_l.shape[0], x_u.shape[0]
+    with torch.no_grad():
+        x_u_noisy, x_l_noisy = _noisy(x_u), _noisy(x_l)
+        pseudo = teacher(x_u_noisy).argmax(1)
+        x_m, _ = mix(x_u_noisy, x_l_noisy, *draw_mix(n_u, n_l, 0.75, x_u.device))
+    z_l, z_u, z_m = net(torch.cat([x_l, x_u, x_m])).split([n_l, n_u, n_u])
+    with torch.no_grad():
+        r = synergy_regions(torch.softmax(z_u, 1), torch.softmax(z_m, 1), 0.425)
+    ce = 0.5 * sum(regional_ce(z, pseudo, r["C'"], r["D'"], 0.2) for z in (z_u, z_m))
+    probs = [torch.softmax(z, 1) for z in (z_u, z_m)]
+    dice = 0.25 * sum(masked_soft_dice(p, pseudo, r[k], s) for p in probs for k, s in (("C'", 1.0), ("D'", 20.0)))
+    return (losses.supervised_loss(z_l, y_l, dice_bg)
+            + losses.consistency_weight(step, 1.0, 40, 150) * 0.5 * (ce + dice))
+
+
 def reference_block(method: str, net, batch, warmup: int, steps: int, dice_bg: bool, device) -> float:
     """Steps/s of a plain PyTorch loop doing the same arithmetic as the module + callbacks."""
     net = net.to(device).train()
-    teacher = copy.deepcopy(net).requires_grad_(False) if method == "mean_teacher" else None
+    teacher = copy.deepcopy(net).requires_grad_(False) if method in TEACHER_METHODS else None
+    step_loss = {"mean_teacher": mean_teacher_loss, "sgrs": sgrs_loss}.get(method)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(t, "poly", MAX_STEPS))
     for step in range(warmup + steps):
@@ -128,14 +164,7 @@ def reference_block(method: str, net, batch, warmup: int, steps: int, dice_bg: b
         if teacher is None:
             loss = losses.supervised_loss(net(batch["image"]), batch["label"], dice_bg)
         else:
-            lab, unl = batch["labeled"], batch["unlabeled"]
-            n = lab["image"].shape[0]
-            logits = net(torch.cat([lab["image"], unl["image"]]))
-            with torch.no_grad():
-                noisy = unl["image"] + (torch.randn_like(unl["image"]) * 0.1).clamp(-0.2, 0.2)
-                q = torch.softmax(teacher(noisy), dim=1)
-            loss = (losses.supervised_loss(logits[:n], lab["label"], dice_bg)
-                    + losses.consistency_weight(step, 0.1, 200, 150) * losses.softmax_mse(torch.softmax(logits[n:], 1), q))
+            loss = step_loss(net, teacher, batch, step, dice_bg)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

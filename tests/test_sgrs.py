@@ -186,3 +186,22 @@ def test_sgrs_logs_regions_and_draws_them(config, acdc_phantom, la_phantom, tmp_
         assert parts == pytest.approx(1.0) and 0.5 <= float(r["sgrs/lambda_mean"]) <= 1.0
     assert (run / "images" / "train_step1.png").is_file() and (run / "images" / "train_step2.png").is_file()
     assert "ema_mode: double" in (run / "hparams.yaml").read_text()
+
+
+def test_benchmark_reference_step_does_the_module_arithmetic():
+    """experiments.benchmark's plain loop must time the same loss as SGRS.training_step (same RNG draws)."""
+    import copy
+    import warnings
+
+    from experiments.benchmark import fixed_batch, sgrs_loss
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1))
+    sgrs = SGRS(net=net, num_classes=3)
+    sgrs.teacher = copy.deepcopy(net).requires_grad_(False)
+    batch = fixed_batch("sgrs", 3, (16, 16), 2, 2, "cpu")
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a Trainer
+        loss = sgrs.training_step(batch, 0)
+    torch.manual_seed(1)
+    assert torch.equal(loss, sgrs_loss(net, sgrs.teacher, batch, 0, True))
