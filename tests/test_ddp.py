@@ -31,12 +31,14 @@ def rows(path: Path) -> list[dict]:
                       key=lambda r: (r["case"], r["class"]))
 
 
-def test_ddp_mean_teacher_two_ranks(acdc_phantom, la_phantom, tmp_path):
+@pytest.mark.parametrize("method,extra", [("mean_teacher", []),
+                                          ("sgrs", ["--model.init_args.ema_mode=double"])])  # also averages BN stats
+def test_ddp_teacher_methods_two_ranks(method, extra, acdc_phantom, la_phantom, tmp_path):
     # 3 validation cases on 2 ranks: the distributed sampler pads one, which must be de-duplicated.
     cases = (acdc_phantom / "val.list").read_text().split() + (acdc_phantom / "test.list").read_text().split()[:1]
     (acdc_phantom / "odd.list").write_text("\n".join(cases) + "\n")
-    config = REPO / "experiments" / "acdc" / "mean_teacher.yaml"
-    odd = ["--data.init_args.val_list=odd.list"]
+    config = REPO / "experiments" / "acdc" / f"{method}.yaml"
+    odd = ["--data.init_args.val_list=odd.list", *extra]
     args = phantom_args(config, acdc_phantom, la_phantom, tmp_path) + odd + [
         "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.devices=2",
         "--trainer.strategy=ddp", "--trainer.callbacks+=tests.test_ddp.SaveTeacherPerRank",
