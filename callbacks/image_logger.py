@@ -95,7 +95,8 @@ class ImageLogger(L.Callback):
         image = arrays.pop("image")
         idx = [0] if flat else middle_slices(image, self.n_slices)
         picture = panel(image[idx], {name: a[idx] for name, a in arrays.items()})
-        self._publish(trainer, picture, f"train_step{step}", "train/overlay", " | ".join(["image", *arrays]))
+        self._publish(trainer, Path(log_dir), picture, f"train_step{step}", "train/overlay",
+                      " | ".join(["image", *arrays]))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
@@ -105,12 +106,13 @@ class ImageLogger(L.Callback):
         volume, label, pred = (np.moveaxis(example[k], self.axis, 0) for k in ("image", "label", "prediction"))
         idx = middle_slices(volume, self.n_slices)
         picture = panel(volume[idx], {"ground truth": label[idx], "prediction": pred[idx]})
-        self._publish(trainer, picture, f"val_step{trainer.global_step}", "val/overlay",
+        self._publish(trainer, Path(log_dir), picture, f"val_step{trainer.global_step}", "val/overlay",
                       f"{example['case']}: image | ground truth | prediction")
 
     @staticmethod
-    def _publish(trainer, picture: Image.Image, name: str, key: str, caption: str) -> None:
-        save_png(picture, Path(trainer.log_dir) / "images" / f"{name}.png")
+    def _publish(trainer, log_dir: Path, picture: Image.Image, name: str, key: str, caption: str) -> None:
+        """PNG under ``log_dir`` (asked by every rank before: ``trainer.log_dir`` is a collective) and W&B."""
+        save_png(picture, log_dir / "images" / f"{name}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key=key, images=[picture], step=trainer.global_step, caption=[caption])

@@ -32,7 +32,10 @@ def rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("method,extra", [("mean_teacher", []),
-                                          ("sgrs", ["--model.init_args.ema_mode=double"])])  # also averages BN stats
+                                          # double EMA also averages BN statistics; training-sample pictures
+                                          ("sgrs", ["--model.init_args.ema_mode=double",
+                                                    "--trainer.callbacks+=callbacks.image_logger.ImageLogger",
+                                                    "--trainer.callbacks.every_n_train_steps=1"])])
 def test_ddp_teacher_methods_two_ranks(method, extra, acdc_phantom, la_phantom, tmp_path):
     # 3 validation cases on 2 ranks: the distributed sampler pads one, which must be de-duplicated.
     cases = (acdc_phantom / "val.list").read_text().split() + (acdc_phantom / "test.list").read_text().split()[:1]
@@ -52,6 +55,8 @@ def test_ddp_teacher_methods_two_ranks(method, extra, acdc_phantom, la_phantom, 
         assert torch.equal(t0[key], t1[key]), key  # bit-identical, buffers included
 
     (run,) = [p.parent for p in tmp_path.rglob("per_case_val.csv")]
+    if method == "sgrs":  # rank 0 drew the training sample at every step without leaving rank 1 waiting
+        assert sorted(p.name for p in (run / "images").glob("train_step*.png")) == [f"train_step{i}.png" for i in (1, 2, 3)]
     ckpt = run / "checkpoints" / "last.ckpt"
     single = subprocess.run([sys.executable, "-m", "experiments", "validate",
                              *phantom_args(config, acdc_phantom, la_phantom, tmp_path / "single"), *odd,
