@@ -7,25 +7,30 @@ one ``DataError`` naming the path), applies the label budget and builds the load
 Training batches: one plain stream ``{"image", "label", "case"}`` when ``labeled_batch_size`` is unset (or
 equals ``batch_size``), else ``{"labeled": ..., "unlabeled": ...}`` from a ``CombinedLoader`` in
 ``max_size_cycle`` mode (the shorter stream cycles, as SSL4MIS's TwoStreamBatchSampler cycles labeled
-permutations against an endless unlabeled stream). Evaluation yields one whole case per batch:
+permutations against an endless unlabeled stream). Each stream is a ``StreamLoader``: its order and every
+sample's augmentations follow from the seed and the position alone, and the position is saved in checkpoints,
+so a run resumed mid-epoch sees the batches of an uninterrupted one, whatever ``num_workers`` is.
+Evaluation yields one whole case per batch:
 ``{"image": [1, C, *S], "label": [1, *S], "case": [id], "spacing": [tuple | None]}``.
 """
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import h5py
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.errors import ConfigError, DataError
 
 SPLIT_RULES = ("first", "random")
+STREAMS = ("labeled", "unlabeled")
 
 
 def read_list(path: Path) -> list[str]:
@@ -80,7 +85,11 @@ def select_labeled(groups: list[str], budget: int | float, rule: str = "first", 
 
 
 class SampleDataset(Dataset):
-    """Items read by ``load(item) -> dict`` and turned into tensors by ``make(sample) -> dict``."""
+    """Items read by ``load(item) -> dict`` and turned into tensors by ``make(sample) -> dict``.
+
+    A key is an index, or ``(index, seed)`` from a ``StreamSampler``: then ``make`` (the augmentations) draws
+    from that seed alone (see ``seeded``).
+    """
 
     def __init__(self, items: list[str], load: Callable[[str], dict], make: Callable[[dict], dict]):
         self.items, self.load, self.make = items, load, make
@@ -88,8 +97,97 @@ class SampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict:
-        return self.make(self.load(self.items[index]))
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        if isinstance(key, tuple):
+            index, seed = key
+            with seeded(seed):
+                return self.make(self.load(self.items[index]))
+        return self.make(self.load(self.items[key]))
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with torch (CPU), numpy and ``random`` seeded by ``seed``, then put their states back.
+
+    A sample's augmentations then depend on its seed only: not on the worker that makes it, on what training drew
+    before, nor on a restart; and making it leaves the caller's random stream untouched. CUDA generators are left
+    alone (augmentations run on CPU; ``torch.manual_seed`` would reseed them too).
+    """
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    torch.default_generator.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+
+
+class StreamSampler(DistributedSampler):
+    """``(index, augmentation seed)`` pairs of one training stream, one shuffled pass after another.
+
+    Pass ``cycle`` of epoch ``epoch`` (Lightning calls ``set_epoch``; the shorter of two streams runs several
+    passes per epoch) is drawn from (seed, stream, epoch, cycle) alone, so a resumed run redraws the interrupted
+    pass and starts at ``start``. Under DDP each rank takes every ``num_replicas``-th item of the pass, padded
+    to equal length as DistributedSampler does; being a DistributedSampler, Lightning keeps it rather than
+    injecting its own.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, stream: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.stream = stream
+        self.cycle, self.start = 0, 0  # set by StreamLoader before each pass
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        entropy = np.random.SeedSequence([self.seed, self.stream, self.epoch, self.cycle])
+        generator = torch.Generator().manual_seed(int(entropy.generate_state(1, np.uint64)[0]))
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=generator).tolist()
+        seeds = torch.randint(0, 2**31, (n,), generator=generator).tolist()
+        order = (order * -(-self.total_size // n))[:self.total_size]
+        mine = order[self.rank:self.total_size:self.num_replicas]
+        return iter([(i, seeds[i]) for i in mine[self.start:]])
+
+
+class StreamLoader(DataLoader):
+    """The DataLoader of one training stream; its position travels with checkpoints.
+
+    Lightning's fit loop stores ``state_dict()`` of training loaders that have one and gives it back through
+    ``load_state_dict`` when a run resumes. The state is the pass under way (seed, epoch, cycle) and the batches
+    it has yielded to training, counted here rather than in the sampler, which runs ahead when workers prefetch.
+    A pass is chosen at the first ``next()`` after ``iter()``, so after Lightning's ``set_epoch``: a resumed run
+    continues the saved pass if its epoch is still under way, and starts the next epoch's first pass otherwise.
+    """
+
+    sampler: StreamSampler
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch, self.cycle, self.batches = 0, -1, 0
+        self._resuming = False
+
+    def __iter__(self) -> Iterator:
+        self._begin_pass()
+        for batch in super().__iter__():
+            self.batches += 1
+            yield batch
+
+    def _begin_pass(self) -> None:
+        epoch = self.sampler.epoch
+        if not (self._resuming and epoch == self.epoch):
+            self.cycle, self.batches = (self.cycle + 1 if epoch == self.epoch else 0), 0
+        self.epoch, self._resuming = epoch, False
+        self.sampler.cycle, self.sampler.start = self.cycle, self.batches * self.batch_size
+
+    def state_dict(self) -> dict:
+        return {"seed": self.sampler.seed, "epoch": self.epoch, "cycle": self.cycle, "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.seed = state["seed"]
+        self.epoch, self.cycle, self.batches = state["epoch"], state["cycle"], state["batches"]
+        self._resuming = True
 
 
 def collate_case(batch: list[dict]) -> dict:
@@ -259,30 +357,43 @@ class SegmentationDataModule(L.LightningDataModule):
                 self.datasets[name] = self._eval_dataset(name)
 
     # ---- loaders -----------------------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool, collate=None):
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=collate, pin_memory=torch.cuda.is_available())
+    def _worker_options(self) -> dict:
+        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,
+                "pin_memory": torch.cuda.is_available()}
+
+    def _cases(self, name: str) -> DataLoader:
+        """Whole cases of an evaluation split, in list order."""
+        return DataLoader(self.datasets[name], batch_size=1, collate_fn=collate_case, **self._worker_options())
+
+    def _stream(self, name: str, batch_size: int, drop_last: bool) -> StreamLoader:
+        """A shuffled training stream; its seed is the run's (``seed_everything``), rank 0's under DDP."""
+        trainer = self.trainer
+        seed = trainer.strategy.broadcast(torch.initial_seed()) if trainer else torch.initial_seed()
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        dataset = self.datasets[name]
+        sampler = StreamSampler(dataset, seed, STREAMS.index(name), num_replicas=world, rank=rank)
+        return StreamLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                            **self._worker_options())
 
     def train_dataloader(self):
         if not self.two_streams:
             # SSL4MIS's supervised script: a shuffled loader over the labeled slices, last partial batch kept.
-            return self._loader(self.datasets["labeled"], self.batch_size, True, False)
+            return self._stream("labeled", self.batch_size, False)
         n_lab = self.labeled_batch_size
         n_unl = self.batch_size - n_lab
         for name, n in (("labeled", n_lab), ("unlabeled", n_unl)):
             if len(self.datasets[name]) < n:
                 raise ConfigError(f"the {name} stream has {len(self.datasets[name])} items, fewer than its "
                                   f"batch of {n} (data.batch_size / data.labeled_batch_size).")
-        loaders = {"labeled": self._loader(self.datasets["labeled"], n_lab, True, True),
-                   "unlabeled": self._loader(self.datasets["unlabeled"], n_unl, True, True)}
+        loaders = {"labeled": self._stream("labeled", n_lab, True),
+                   "unlabeled": self._stream("unlabeled", n_unl, True)}
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self):
-        return self._loader(self.datasets["val"], 1, False, False, collate_case)
+        return self._cases("val")
 
     def test_dataloader(self):
-        return self._loader(self.datasets["test"], 1, False, False, collate_case)
+        return self._cases("test")
 
     def predict_dataloader(self):
-        return self._loader(self.datasets["predict"], 1, False, False, collate_case)
+        return self._cases("predict")
