@@ -14,6 +14,7 @@ STAGE=${2:-all}
 shift $(( $# < 2 ? $# : 2 ))
 read -r -a METHODS <<< "${*:-supervised mean_teacher sgrs}"
 PY=${PY:-.venv/bin/python}
+read -r -a SEEDS <<< "${SEEDS:-1337 2024}"  # e.g. SEEDS=2024 to run one seed per process
 DATA=(--data.init_args.root="$ROOT" --data.init_args.patch_size=[128,128] --data.init_args.num_workers=0
       --trainer.enable_progress_bar=false --trainer.logger.init_args.save_dir=runs)
 declare -A EXTRA=(
@@ -23,7 +24,7 @@ declare -A EXTRA=(
   [sgrs]="--data.init_args.labeled_batch_size=6 --model.init_args.rampup_epoch_len=3"
 )
 if [[ $STAGE != eval ]]; then
-  for SEED in 1337 2024; do
+  for SEED in "${SEEDS[@]}"; do
     for METHOD in "${METHODS[@]}"; do
       # shellcheck disable=SC2086
       "$PY" -m experiments fit --config experiments/acdc/$METHOD.yaml "${DATA[@]}" ${EXTRA[$METHOD]} \

@@ -19,6 +19,7 @@ STAGE=${2:-all}
 shift $(( $# < 2 ? $# : 2 ))
 read -r -a METHODS <<< "${*:-supervised mean_teacher sgrs}"
 PY=${PY:-.venv/bin/python}
+read -r -a SEEDS <<< "${SEEDS:-1337 2024}"  # e.g. SEEDS=2024 to run one seed per process
 COMMON=(--data.init_args.root="$ROOT" --data.init_args.present=present.list --data.init_args.labeled=4
         --data.init_args.patch_size=[48,48,32] --data.init_args.num_workers=0 --model.init_args.sw_stride=[24,24,16]
         --model.init_args.lr_schedule=constant --model.init_args.dice_include_background=false
@@ -30,7 +31,7 @@ declare -A EXTRA=(
   [sgrs]="--model.init_args.rampup_epoch_len=2"
 )
 if [[ $STAGE != eval ]]; then
-  for SEED in 1337 2024; do
+  for SEED in "${SEEDS[@]}"; do
     for METHOD in "${METHODS[@]}"; do
       # shellcheck disable=SC2086
       "$PY" -m experiments fit --config experiments/la/$METHOD.yaml "${COMMON[@]}" ${EXTRA[$METHOD]} \
