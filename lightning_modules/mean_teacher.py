@@ -73,6 +73,5 @@ class MeanTeacher(SegmentationModule):
         loss_cons = losses.softmax_mse(student_probs, teacher_probs)          # 4.
         weight = self.consistency_weight(self.global_step)                    # 5.
         loss = loss_sup + weight * loss_cons                                  # 6.
-        self.log_dict({"loss/sup": loss_sup, "loss/cons": loss_cons, "loss/total": loss}, prog_bar=True)
-        self.log("cons_weight", weight)
+        self.log_step({"loss/sup": loss_sup, "loss/cons": loss_cons, "loss/total": loss, "cons_weight": weight})
         return loss

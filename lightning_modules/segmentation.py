@@ -102,8 +102,17 @@ class SegmentationModule(L.LightningModule):
         """Labeled-only step: batch is a plain stream {image [B, C, *S], label [B, *S], case}."""
         batch = batch.get("labeled", batch)
         loss = self.supervised_loss(self.net(batch["image"]), batch["label"])
-        self.log("loss/sup", loss, prog_bar=True)
+        self.log_step({"loss/sup": loss})
         return loss
+
+    def log_step(self, metrics: dict) -> None:
+        """Training scalars, handed to Lightning only on the steps its loggers write (every
+        ``trainer.log_every_n_steps``). Step-only values logged in between are overwritten unseen, and
+        ``self.log`` costs ~1.5 ms a value on 2 CPU cores (py-spy: 3 % of an SGRS step in the benchmark)."""
+        trainer = self._trainer
+        if trainer is not None and (self.global_step + 1) % trainer.log_every_n_steps and not trainer.should_stop:
+            return
+        self.log_dict(metrics)
 
     def configure_optimizers(self):
         hp = self.hparams

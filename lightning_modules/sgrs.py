@@ -180,12 +180,12 @@ class SGRS(MeanTeacher):
         terms = self.pseudo_loss(z_u, z_m, pseudo, regions)                              # 7.
         weight = self.consistency_weight(self.global_step)                               # 8.
         loss = loss_sup + weight * terms["pseudo"]
-        self.log_dict({"loss/sup": loss_sup, "loss/total": loss, "cons_weight": weight,
-                       **{f"loss/{k}": v for k, v in terms.items()}}, prog_bar=False)    # 11.
-        self.log_dict({f"sgrs/frac_{name}": regions[key].float().mean() for name, key in
-                       (("consistent", "C"), ("different", "D"), ("uncertain", "I"), ("c_prime", "C'"),
-                        ("d_prime", "D'"))})
-        self.log_dict({"sgrs/lambda_mean": lam.mean(), "sgrs/pseudo_fg_frac": (pseudo > 0).float().mean()})
+        self.log_step({"loss/sup": loss_sup, "loss/total": loss, "cons_weight": weight,                # 11.
+                       **{f"loss/{k}": v for k, v in terms.items()},
+                       **{f"sgrs/frac_{name}": regions[key].float().mean() for name, key in
+                          (("consistent", "C"), ("different", "D"), ("uncertain", "I"), ("c_prime", "C'"),
+                           ("d_prime", "D'"))},
+                       "sgrs/lambda_mean": lam.mean(), "sgrs/pseudo_fg_frac": (pseudo > 0).float().mean()})
         self.train_example = {"image": x_u[0, 0], "mixed": x_m[0, 0], "pseudo label": pseudo[0],
                               "student on x_u": z_u[0].argmax(0), "student on x_m": z_m[0].argmax(0),
                               "regions": region_map(regions)[0]}

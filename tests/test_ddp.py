@@ -56,7 +56,8 @@ def test_ddp_teacher_methods_two_ranks(method, extra, acdc_phantom, la_phantom, 
 
     (run,) = [p.parent for p in tmp_path.rglob("per_case_val.csv")]
     if method == "sgrs":  # rank 0 drew the training sample at every step without leaving rank 1 waiting
-        assert sorted(p.name for p in (run / "images").glob("train_step*.png")) == [f"train_step{i}.png" for i in (1, 2, 3)]
+        drawn = sorted(p.name for p in (run / "images").glob("train_step*.png"))
+        assert drawn == [f"train_step{i}.png" for i in (1, 2, 3)]
     ckpt = run / "checkpoints" / "last.ckpt"
     single = subprocess.run([sys.executable, "-m", "experiments", "validate",
                              *phantom_args(config, acdc_phantom, la_phantom, tmp_path / "single"), *odd,

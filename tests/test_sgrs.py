@@ -63,7 +63,8 @@ def test_masked_soft_dice_terms(fg, mask, smooth, expected):
 
 def test_empty_mask_gives_zero_dice_loss():
     probs = torch.softmax(logits_of(P_U_FG), 1)
-    assert masked_soft_dice(probs, PSEUDO, torch.zeros(1, 4, dtype=torch.bool), 1.0).item() == pytest.approx(0, abs=1e-7)
+    empty = torch.zeros(1, 4, dtype=torch.bool)
+    assert masked_soft_dice(probs, PSEUDO, empty, 1.0).item() == pytest.approx(0, abs=1e-7)
 
 
 def module(**kwargs) -> SGRS:
