@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 
 
-
 class EMATeacher(L.Callback):
     """Creates ``pl_module.teacher`` (a frozen deep copy of ``pl_module.net``) and updates it after every
     optimizer step: theta_T <- alpha_t theta_T + (1 - alpha_t) theta_S with alpha_t = ``pl_module.teacher_alpha(t)``,

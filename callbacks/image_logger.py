@@ -73,9 +73,10 @@ class ImageLogger(L.Callback):
     ``<run dir>/images/val_step<step>.png``: ``n_slices`` slices across spatial axis ``axis`` (0: ACDC's slice
     axis; -1: LA's depth axis).
 
-    Every ``every_n_train_steps`` steps (0: never), methods that keep a ``pl_module.train_example`` (one
-    training sample: ``image`` [*S] then named maps [*S], e.g. SGRS's pseudo label and regions) get
-    ``images/train_step<step>.png``; 2D samples are drawn as one slice.
+    Every ``every_n_train_steps`` steps (0: never), methods that keep a ``pl_module.train_example`` (a callable
+    returning one training sample: ``image`` [*S] then named maps [*S], e.g. SGRS's pseudo label and regions;
+    called only here, so other steps pay nothing) get ``images/train_step<step>.png``; 2D samples are drawn as
+    one slice.
     """
 
     def __init__(self, n_slices: int = 3, axis: int = 0, every_n_train_steps: int = 0):
@@ -89,7 +90,7 @@ class ImageLogger(L.Callback):
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero or not log_dir:
             return
-        arrays = {name: value.detach().cpu().numpy() for name, value in example.items()}
+        arrays = {name: value.detach().cpu().numpy() for name, value in example().items()}
         flat = arrays["image"].ndim == 2
         arrays = {name: a[None] if flat else np.moveaxis(a, self.axis, 0) for name, a in arrays.items()}
         image = arrays.pop("image")

@@ -147,10 +147,10 @@ def sgrs_loss(net, teacher, batch, step: int, dice_bg: bool) -> torch.Tensor:
         pseudo = teacher(x_u_noisy).argmax(1)
         x_m, _ = mix(x_u_noisy, x_l_noisy, *draw_mix(n_u, n_l, 0.75, x_u.device))
     z_l, z_u, z_m = net(torch.cat([x_l, x_u, x_m])).split([n_l, n_u, n_u])
-    with torch.no_grad():
-        r = synergy_regions(torch.softmax(z_u, 1), torch.softmax(z_m, 1), 0.425)
-    ce = 0.5 * sum(regional_ce(z, pseudo, r["C'"], r["D'"], 0.2) for z in (z_u, z_m))
     probs = [torch.softmax(z, 1) for z in (z_u, z_m)]
+    with torch.no_grad():
+        r = synergy_regions(*probs, 0.425)
+    ce = 0.5 * sum(regional_ce(z, pseudo, r["C'"], r["D'"], 0.2) for z in (z_u, z_m))
     dice = 0.25 * sum(masked_soft_dice(p, pseudo, r[k], s) for p in probs for k, s in (("C'", 1.0), ("D'", 20.0)))
     return (losses.supervised_loss(z_l, y_l, dice_bg)
             + losses.consistency_weight(step, 1.0, 40, 150) * 0.5 * (ce + dice))

@@ -8,6 +8,7 @@ ignored. The teacher is created and EMA-updated by callbacks.EMATeacher.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -139,21 +140,21 @@ class SGRS(MeanTeacher):
         super().__init__(consistency=consistency, consistency_rampup=consistency_rampup,
                          consistency_gate_steps=consistency_gate_steps, **kwargs)
         self.save_hyperparameters(ignore=["net"])
-        self.train_example: dict | None = None
+        self.train_example: Callable[[], dict] | None = None
 
     def supervised_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         if self.hparams.sup_dice == "ssl4mis":
             return super().supervised_loss(logits, label)
         return 0.5 * (F.cross_entropy(logits, label) + sgrs_code_dice(torch.softmax(logits, 1), label))
 
-    def pseudo_loss(self, z_u: torch.Tensor, z_m: torch.Tensor, target: torch.Tensor,
-                    regions: dict) -> dict[str, torch.Tensor]:
-        """L_pseudo = 0.5 (L_ce + L_dice) (sec. 5) with its terms, from logits [B_u, K, *S] of x_u and x_m."""
+    def pseudo_loss(self, z_u: torch.Tensor, z_m: torch.Tensor, p_u: torch.Tensor, p_m: torch.Tensor,
+                    target: torch.Tensor, regions: dict) -> dict[str, torch.Tensor]:
+        """L_pseudo = 0.5 (L_ce + L_dice) (sec. 5) with its terms, from the logits [B_u, K, *S] of x_u and x_m
+        (for CE) and their softmax (for Dice; computed once by the caller, which also draws the regions from it)."""
         hp = self.hparams
         ce_mask = regions["C'"] if hp.consistent_ce_mask == "c_prime" else regions["C"]
         ce_u, ce_m = (regional_ce(z, target, ce_mask, regions["D'"], hp.ce_smoothing, hp.ce_mask_broadcast_bug)
                       for z in (z_u, z_m))
-        p_u, p_m = torch.softmax(z_u, 1), torch.softmax(z_m, 1)
         dice_c = [masked_soft_dice(p, target, regions["C'"], hp.dice_smooth_consistent) for p in (p_u, p_m)]
         dice_d = [masked_soft_dice(p, target, regions["D'"], hp.dice_smooth_different) for p in (p_u, p_m)]
         terms = {"ce": 0.5 * (ce_u + ce_m), "dice": 0.25 * (sum(dice_c) + sum(dice_d))}
@@ -174,10 +175,10 @@ class SGRS(MeanTeacher):
         logits = self.net(torch.cat([x_l, x_u, x_m]))                                    # 4. one pass
         z_l, z_u, z_m = logits.split([n_l, n_u, n_u])
         loss_sup = self.supervised_loss(z_l, y_l)                                        # 5.
+        p_u, p_m = torch.softmax(z_u, 1), torch.softmax(z_m, 1)
         with torch.no_grad():                                                            # 6.
-            regions = synergy_regions(torch.softmax(z_u, 1), torch.softmax(z_m, 1), self.hparams.tau,
-                                      self.hparams.uncertainty_rule)
-        terms = self.pseudo_loss(z_u, z_m, pseudo, regions)                              # 7.
+            regions = synergy_regions(p_u, p_m, self.hparams.tau, self.hparams.uncertainty_rule)
+        terms = self.pseudo_loss(z_u, z_m, p_u, p_m, pseudo, regions)                    # 7.
         weight = self.consistency_weight(self.global_step)                               # 8.
         loss = loss_sup + weight * terms["pseudo"]
         self.log_step({"loss/sup": loss_sup, "loss/total": loss, "cons_weight": weight,                # 11.
@@ -186,9 +187,11 @@ class SGRS(MeanTeacher):
                           (("consistent", "C"), ("different", "D"), ("uncertain", "I"), ("c_prime", "C'"),
                            ("d_prime", "D'"))},
                        "sgrs/lambda_mean": lam.mean(), "sgrs/pseudo_fg_frac": (pseudo > 0).float().mean()})
-        self.train_example = {"image": x_u[0, 0], "mixed": x_m[0, 0], "pseudo label": pseudo[0],
-                              "student on x_u": z_u[0].argmax(0), "student on x_m": z_m[0].argmax(0),
-                              "regions": region_map(regions)[0]}
+        # Drawn only when the ImageLogger asks: nothing is computed for it on the other steps.
+        self.train_example = lambda: {"image": x_u[0, 0], "mixed": x_m[0, 0], "pseudo label": pseudo[0],
+                                      "student on x_u": z_u[0].detach().argmax(0),
+                                      "student on x_m": z_m[0].detach().argmax(0),
+                                      "regions": region_map({k: v[:1] for k, v in regions.items()})[0]}
         return loss
 
     # ---- teacher update (sec. 7) --------------------------------------------------------------------------------

@@ -73,8 +73,9 @@ def module(**kwargs) -> SGRS:
 
 @pytest.mark.parametrize("ce_mask,expected", [("c_prime", 0.1411727), ("c", 0.1851225)])
 def test_pseudo_loss_of_the_hand_example(ce_mask, expected):
-    terms = module(consistent_ce_mask=ce_mask).pseudo_loss(logits_of(P_U_FG), logits_of(P_M_FG), PSEUDO,
-                                                          example_regions())
+    z_u, z_m = logits_of(P_U_FG), logits_of(P_M_FG)
+    terms = module(consistent_ce_mask=ce_mask).pseudo_loss(z_u, z_m, torch.softmax(z_u, 1), torch.softmax(z_m, 1),
+                                                          PSEUDO, example_regions())
     assert terms["dice"].item() == pytest.approx(0.0561553, abs=1e-7)
     assert terms["ce"].item() == pytest.approx(0.2261900 if ce_mask == "c_prime" else 0.3140897, abs=1e-7)
     assert terms["pseudo"].item() == pytest.approx(expected, abs=1e-7)
