@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 from datamodules.errors import LemisError
+from experiments.host_memory import keep_freed_memory
 
 # Library chatter that says nothing about the user's run.
 for _pattern in (r".*isinstance\(treespec, LeafSpec\).*", r".*smaller than the logging interval.*",
@@ -89,6 +90,7 @@ def config_error_sentence(message: str) -> str:
 
 def main(args: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (2 for bad input)."""
+    keep_freed_memory()
     wandb_offline_without_key()
     try:
         LemisCLI(args=args)

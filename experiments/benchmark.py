@@ -2,7 +2,7 @@
 
 speed: per method and input shape, the LightningModule's training step run by ``lightning.Trainer`` (logging and
 callbacks on, a fixed in-memory batch) against a plain PyTorch loop doing the same arithmetic (same net, losses,
-EMA update, optimizer and LR schedule), alternated ABAB... in one process; median steps/s of each, the ratio
+EMA update, optimizer and LR schedule), alternated AB BA AB ... in one process; median steps/s of each, the ratio
 framework/reference with its spread, and peak memory.
 data: samples/s delivered by each DataModule's training loader (published transforms) next to the model's steps/s.
 """
@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from callbacks.ema_teacher import EMATeacher
+from experiments.host_memory import keep_freed_memory
 from lightning_modules import losses
 from lightning_modules.mean_teacher import MeanTeacher
 from lightning_modules.nets.unet2d import UNet2D
@@ -199,12 +200,14 @@ def speed(args) -> None:
         for method in args.methods:
             batch = fixed_batch(method, classes, shape, n_lab, n_unl, device)
             fw, ref = [], []
-            for _ in range(args.blocks):  # ABAB...: drift on a shared machine hits both alike
-                torch.manual_seed(0)
-                module = build_module(method, make_net(), classes, dice_bg)
-                fw.append(framework_block(module, batch, args.warmup, args.steps, accelerator))
-                torch.manual_seed(0)
-                ref.append(reference_block(method, make_net(), batch, args.warmup, args.steps, dice_bg, device))
+            for block in range(args.blocks):  # AB BA AB ...: drift hits both alike, and neither is always first
+                for side in ("fw", "ref") if block % 2 == 0 else ("ref", "fw"):
+                    torch.manual_seed(0)
+                    if side == "fw":
+                        module = build_module(method, make_net(), classes, dice_bg)
+                        fw.append(framework_block(module, batch, args.warmup, args.steps, accelerator))
+                    else:
+                        ref.append(reference_block(method, make_net(), batch, args.warmup, args.steps, dice_bg, device))
             ratios = [f / r for f, r in zip(fw, ref)]
             images = (n_lab + n_unl) * statistics.median(fw)
             print(f"| {method} | {name} {'x'.join(map(str, shape))} | {n_lab}+{n_unl} | {statistics.median(fw):.3f} | "
@@ -266,9 +269,11 @@ def main(argv=None) -> int:
     parser.add_argument("--root-la", type=Path)
     args = parser.parse_args(argv)
     torch.backends.cudnn.benchmark = True
+    kept = keep_freed_memory()  # as the CLI does: both sides run with it (or both without, LEMIS_MALLOC=system)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # keep the table readable
     print(f"# lemis benchmark {args.what} ({args.size}); torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"device {'cuda:' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+          f"device {'cuda:' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
+          f"host malloc {'keeps freed memory' if kept else 'glibc default'}")
     speed(args) if args.what == "speed" else data(args)
     return 0
 

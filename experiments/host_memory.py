@@ -1,0 +1,35 @@
+"""Keep freed host memory in the process instead of handing it back to the OS after every step (glibc only).
+
+glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns it
+with ``munmap`` when freed, so each training step page-faults its activations in again. Measured with
+``getrusage`` on a 2-core CPU (docs/results/speed_cpu.md): a Mean Teacher VNet step at 64x64x48, batch 4, took
+about 450 000 minor faults (1.8 GB zeroed) per step, and turning the mmap path and heap trimming off made the
+same step 1.25-1.35x faster for the framework and for a plain loop alike. The cost is that RSS stays at the
+peak of the largest step, as with PyTorch's CUDA caching allocator.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameter numbers from glibc's malloc.h
+OPT_OUT = "LEMIS_MALLOC"  # =system keeps glibc's defaults
+
+
+def keep_freed_memory() -> bool:
+    """Turn off glibc's mmap path and heap trimming for this process and the workers it forks.
+
+    Skipped (returns False) when ``LEMIS_MALLOC=system``, when the user set glibc's own ``MALLOC_*_`` variables,
+    or when the C library is not glibc.
+    """
+    if os.environ.get(OPT_OUT) == "system" or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # mallopt takes an int; glibc converts -1 to SIZE_MAX for the trim threshold, i.e. "never trim".
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
