@@ -1,10 +1,11 @@
-"""`python -m experiments.benchmark speed|data [--quick|--full]` (spec/benchmarks.md).
+"""`python -m experiments.benchmark speed|data|infer [--quick|--full]` (spec/benchmarks.md).
 
 speed: per method and input shape, the LightningModule's training step run by ``lightning.Trainer`` (logging and
 callbacks on, a fixed in-memory batch) against a plain PyTorch loop doing the same arithmetic (same net, losses,
 EMA update, optimizer and LR schedule), alternated AB BA AB ... in one process; median steps/s of each, the ratio
 framework/reference with its spread, and peak memory.
 data: samples/s delivered by each DataModule's training loader (published transforms) next to the model's steps/s.
+infer: seconds per whole case of evaluation (prediction, then the metric rows), 2D slice-wise and 3D sliding window.
 """
 from __future__ import annotations
 
@@ -215,6 +216,47 @@ def speed(args) -> None:
                   f"{images:.1f} | {peak_memory_mb():.0f} |", flush=True)
 
 
+# (name, net factory, classes, case shape [D, H, W] of a real case, infer_mode, {size: (roi, sliding-window stride)});
+# stride None is half the ROI: the published LA stride 18x18x4 at a 64x64x48 ROI would mean 440 windows per case.
+CASES = [("acdc2d", lambda: UNet2D(1, 4), 4, (10, 256, 232), "slices",
+          {"quick": ((64, 64), None), "cpu": ((128, 128), None), "full": ((256, 256), None)}),
+         ("la3d", lambda: VNet(1, 2, has_dropout=True), 2, (180, 135, 88), "sliding_window",
+          {"quick": ((32, 32, 32), None), "cpu": ((64, 64, 48), None), "full": ((112, 112, 80), (18, 18, 4))})]
+
+
+def infer(args) -> None:
+    """Median seconds per case of ``predict_case`` and of ``case_metrics`` (Dice, Jaccard, HD95, ASD) on random
+    volumes of a real case's shape (ACDC patient002 frame 1; LA 1GU15S0GJ6PFNARO469W); `--full` is the published
+    ROI and stride."""
+    from lightning_modules.metrics import case_metrics
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print("| input | case shape | roi | stride | predict s/case | metrics s/case |")
+    print("|---|---|---|---|---|---|")
+    for name, make_net, classes, shape, mode, sizes in CASES:
+        if name not in args.inputs:
+            continue
+        roi, stride = sizes[args.size]
+        module = Supervised(make_net(), classes, infer_mode=mode, roi_size=roi, sw_stride=stride).to(device).eval()
+        g = torch.Generator().manual_seed(0)
+        image = torch.randn(1, 1, *shape, generator=g).to(device)
+        label = torch.randint(0, classes, shape, generator=g).numpy()
+        module.predict_case(image)  # warm-up
+        predict, metrics = [], []
+        for _ in range(args.cases):
+            _sync()
+            start = time.perf_counter()
+            pred = module.predict_case(image).argmax(1)[0].cpu().numpy()
+            _sync()
+            predict.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            case_metrics(pred, label, classes, "x")
+            metrics.append(time.perf_counter() - start)
+        print(f"| {name} | {'x'.join(map(str, shape))} | {'x'.join(map(str, roi))} | "
+              f"{'slices' if mode == 'slices' else 'x'.join(map(str, module.sw_stride))} | {statistics.median(predict):.2f} | "
+              f"{statistics.median(metrics):.2f} |", flush=True)
+
+
 def endless(loader):
     """Batches of ``loader`` epoch after epoch (small budgets make epochs of a few batches)."""
     while True:
@@ -253,7 +295,7 @@ def data(args) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("speed", "data"))
+    parser.add_argument("what", choices=("speed", "data", "infer"))
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="size", action="store_const", const="quick")
     size.add_argument("--full", dest="size", action="store_const", const="full")
@@ -264,6 +306,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--cases", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--root-acdc", type=Path)
     parser.add_argument("--root-la", type=Path)
@@ -274,7 +317,7 @@ def main(argv=None) -> int:
     print(f"# lemis benchmark {args.what} ({args.size}); torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {'cuda:' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
           f"host malloc {'keeps freed memory' if kept else 'glibc default'}")
-    speed(args) if args.what == "speed" else data(args)
+    {"speed": speed, "data": data, "infer": infer}[args.what](args)
     return 0
 
 

@@ -20,10 +20,12 @@ OPT_OUT = "LEMIS_MALLOC"  # =system keeps glibc's defaults
 def keep_freed_memory() -> bool:
     """Turn off glibc's mmap path and heap trimming for this process and the workers it forks.
 
-    Skipped (returns False) when ``LEMIS_MALLOC=system``, when the user set glibc's own ``MALLOC_*_`` variables,
-    or when the C library is not glibc.
+    Skipped (returns False) when ``LEMIS_MALLOC=system``, when the user tunes glibc's malloc already (a
+    ``MALLOC_*`` variable or ``glibc.malloc`` in ``GLIBC_TUNABLES``), or when the C library is not glibc.
     """
-    if os.environ.get(OPT_OUT) == "system" or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
+    user_tuned = (any(k.startswith("MALLOC_") for k in os.environ)
+                  or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""))
+    if os.environ.get(OPT_OUT) == "system" or user_tuned:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -50,3 +50,12 @@ def test_speed_prints_a_row_per_method(capsys):
     for row in rows[1:]:
         fw, ref, ratio = float(row[3]), float(row[4]), float(row[5].split()[0])
         assert fw > 0 and ref > 0 and ratio > 0
+
+
+def test_infer_prints_seconds_per_case(capsys):
+    assert main(["infer", "--quick", "--inputs", "acdc2d", "--cases", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| acdc2d")]
+    assert len(rows) == 1
+    name, shape, roi, stride, predict, metrics = (cell.strip() for cell in rows[0])
+    assert (shape, roi, stride) == ("10x256x232", "64x64", "slices")
+    assert float(predict) > 0 and float(metrics) > 0
