@@ -252,9 +252,9 @@ def infer(args) -> None:
             start = time.perf_counter()
             case_metrics(pred, label, classes, "x")
             metrics.append(time.perf_counter() - start)
-        print(f"| {name} | {'x'.join(map(str, shape))} | {'x'.join(map(str, roi))} | "
-              f"{'slices' if mode == 'slices' else 'x'.join(map(str, module.sw_stride))} | {statistics.median(predict):.2f} | "
-              f"{statistics.median(metrics):.2f} |", flush=True)
+        windows = "slices" if mode == "slices" else "x".join(map(str, module.sw_stride))
+        print(f"| {name} | {'x'.join(map(str, shape))} | {'x'.join(map(str, roi))} | {windows} | "
+              f"{statistics.median(predict):.2f} | {statistics.median(metrics):.2f} |", flush=True)
 
 
 def endless(loader):

@@ -4,8 +4,8 @@ glibc serves every allocation above its mmap threshold (at most 32 MiB) with a f
 with ``munmap`` when freed, so each training step page-faults its activations in again. Measured with
 ``getrusage`` on a 2-core CPU (docs/results/speed_cpu.md): a Mean Teacher VNet step at 64x64x48, batch 4, took
 about 450 000 minor faults (1.8 GB zeroed) per step, and turning the mmap path and heap trimming off made the
-same step 1.25-1.35x faster for the framework and for a plain loop alike. The cost is that RSS stays at the
-peak of the largest step, as with PyTorch's CUDA caching allocator.
+same step 1.26x faster for the framework and for a plain loop alike. The cost: RSS stays at the peak of the
+largest step, as with PyTorch's CUDA caching allocator, plus some fragmentation (peak RSS +10-15 % there).
 """
 from __future__ import annotations
 
