@@ -33,14 +33,13 @@ from lightning_modules.segmentation import lr_factor
 from lightning_modules.sgrs import SGRS, draw_mix, masked_soft_dice, mix, regional_ce, synergy_regions
 from lightning_modules.supervised import Supervised
 
-# (name, net factory, channels, classes, spatial shape, labeled, unlabeled, dice_include_background)
+# input -> (net factory, classes): the SSL4MIS UNet for ACDC slices, the VNet for LA patches.
+NETS = {"acdc2d": (lambda: UNet2D(1, 4), 4), "la3d": (lambda: VNet(1, 2, has_dropout=True), 2)}
+# (input, spatial shape, labeled, unlabeled, dice_include_background)
 SHAPES = {
-    "cpu": [("acdc2d", lambda: UNet2D(1, 4), 4, (128, 128), 6, 6, True),
-            ("la3d", lambda: VNet(1, 2, has_dropout=True), 2, (64, 64, 48), 2, 2, False)],
-    "quick": [("acdc2d", lambda: UNet2D(1, 4), 4, (64, 64), 4, 4, True),
-              ("la3d", lambda: VNet(1, 2, has_dropout=True), 2, (32, 32, 32), 1, 1, False)],
-    "full": [("acdc2d", lambda: UNet2D(1, 4), 4, (256, 256), 12, 12, True),
-             ("la3d", lambda: VNet(1, 2, has_dropout=True), 2, (112, 112, 80), 2, 2, False)],
+    "cpu": [("acdc2d", (128, 128), 6, 6, True), ("la3d", (64, 64, 48), 2, 2, False)],
+    "quick": [("acdc2d", (64, 64), 4, 4, True), ("la3d", (32, 32, 32), 1, 1, False)],
+    "full": [("acdc2d", (256, 256), 12, 12, True), ("la3d", (112, 112, 80), 2, 2, False)],
 }
 METHODS = ("supervised", "mean_teacher", "sgrs")
 TEACHER_METHODS = ("mean_teacher", "sgrs")
@@ -195,9 +194,10 @@ def speed(args) -> None:
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     print("| method | input | batch | framework steps/s | reference steps/s | ratio (min..max) | images/s (fw) | peak MB |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, make_net, classes, shape, n_lab, n_unl, dice_bg in SHAPES[args.size]:
+    for name, shape, n_lab, n_unl, dice_bg in SHAPES[args.size]:
         if name not in args.inputs:
             continue
+        make_net, classes = NETS[name]
         for method in args.methods:
             batch = fixed_batch(method, classes, shape, n_lab, n_unl, device)
             fw, ref = [], []
@@ -216,11 +216,11 @@ def speed(args) -> None:
                   f"{images:.1f} | {peak_memory_mb():.0f} |", flush=True)
 
 
-# (name, net factory, classes, case shape [D, H, W] of a real case, infer_mode, {size: (roi, sliding-window stride)});
-# stride None is half the ROI: the published LA stride 18x18x4 at a 64x64x48 ROI would mean 440 windows per case.
-CASES = [("acdc2d", lambda: UNet2D(1, 4), 4, (10, 256, 232), "slices",
+# (input, case shape [D, H, W] of a real case, infer_mode, {size: (roi, sliding-window stride)}); stride None is
+# half the ROI: the published LA stride 18x18x4 at a 64x64x48 ROI would mean 440 windows per case.
+CASES = [("acdc2d", (10, 256, 232), "slices",
           {"quick": ((64, 64), None), "cpu": ((128, 128), None), "full": ((256, 256), None)}),
-         ("la3d", lambda: VNet(1, 2, has_dropout=True), 2, (180, 135, 88), "sliding_window",
+         ("la3d", (180, 135, 88), "sliding_window",
           {"quick": ((32, 32, 32), None), "cpu": ((64, 64, 48), None), "full": ((112, 112, 80), (18, 18, 4))})]
 
 
@@ -233,9 +233,10 @@ def infer(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print("| input | case shape | roi | stride | predict s/case | metrics s/case |")
     print("|---|---|---|---|---|---|")
-    for name, make_net, classes, shape, mode, sizes in CASES:
+    for name, shape, mode, sizes in CASES:
         if name not in args.inputs:
             continue
+        make_net, classes = NETS[name]
         roi, stride = sizes[args.size]
         module = Supervised(make_net(), classes, infer_mode=mode, roi_size=roi, sw_stride=stride).to(device).eval()
         g = torch.Generator().manual_seed(0)
