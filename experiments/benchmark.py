@@ -1,4 +1,4 @@
-"""`python -m experiments.benchmark speed|data|infer [--quick|--full]` (spec/benchmarks.md).
+"""`python -m experiments.benchmark speed|data|infer|faults [--quick|--full]` (spec/benchmarks.md).
 
 speed: per method and input shape, the LightningModule's training step run by ``lightning.Trainer`` (logging and
 callbacks on, a fixed in-memory batch) against a plain PyTorch loop doing the same arithmetic (same net, losses,
@@ -6,14 +6,18 @@ EMA update, optimizer and LR schedule), alternated AB BA AB ... in one process; 
 framework/reference with its spread, and peak memory.
 data: samples/s delivered by each DataModule's training loader (published transforms) next to the model's steps/s.
 infer: seconds per whole case of evaluation (prediction, then the metric rows), 2D slice-wise and 3D sliding window.
+faults: minor page faults per allocation of a 64 MiB tensor, with lemis's host-memory setting and with glibc's
+defaults (each in a fresh process): what ``experiments.host_memory.keep_freed_memory`` saves every training step.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import logging
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -294,9 +298,39 @@ def data(args) -> None:
         print(f"| {name} | {args.workers} | {args.batches} | {rate:.1f} |", flush=True)
 
 
+FAULTS = """
+import resource, sys, torch
+from experiments.host_memory import keep_freed_memory
+kept = keep_freed_memory()
+pages = 2**26 // 4096
+def faults_per_alloc(n):
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        x = torch.empty(2**26 // 4)  # 64 MiB: above glibc's largest mmap threshold (32 MiB)
+        x.fill_(1.0)
+        del x
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / n / pages
+faults_per_alloc(10)  # the heap settles (posix_memalign splits) before the steady state is counted
+print(kept, faults_per_alloc(int(sys.argv[1])))
+"""
+
+
+def faults(args) -> None:
+    """Fraction of a 64 MiB tensor's pages faulted in again per allocation, in a fresh process per mode (the
+    setting is per process and cannot be undone)."""
+    print("| host malloc | allocations | faulted pages per allocation (fraction) |")
+    print("|---|---|---|")
+    for extra in ({}, {"LEMIS_MALLOC": "system"}):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | extra
+        kept, fraction = subprocess.run([sys.executable, "-c", FAULTS, str(args.batches)], env=env,
+                                        capture_output=True, text=True, check=True).stdout.split()
+        label = "keeps freed memory" if kept == "True" else "glibc default"
+        print(f"| {label} | {args.batches} | {float(fraction):.3f} |", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("speed", "data", "infer"))
+    parser.add_argument("what", choices=("speed", "data", "infer", "faults"))
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="size", action="store_const", const="quick")
     size.add_argument("--full", dest="size", action="store_const", const="full")
@@ -318,7 +352,7 @@ def main(argv=None) -> int:
     print(f"# lemis benchmark {args.what} ({args.size}); torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {'cuda:' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
           f"host malloc {'keeps freed memory' if kept else 'glibc default'}")
-    {"speed": speed, "data": data, "infer": infer}[args.what](args)
+    {"speed": speed, "data": data, "infer": infer, "faults": faults}[args.what](args)
     return 0
 
 
