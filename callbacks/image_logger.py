@@ -1,14 +1,14 @@
 """ImageLogger: PNG panels of image / ground truth / predictions, written into the run directory."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image, ImageDraw
+
+from datamodules.files import atomic_path
 
 # RGB per class index (0 = background is transparent); enough for the 4-class cardiac and binary tasks.
 PALETTE = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 80], [60, 120, 240], [240, 200, 40]], dtype=np.float32)
@@ -50,16 +50,9 @@ def panel(image: np.ndarray, columns: dict[str, np.ndarray], scale: int = 3) -> 
 
 
 def save_png(picture: Image.Image, path: Path) -> None:
-    """Write atomically: a temp file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
+    """Write atomically (``atomic_path``)."""
+    with atomic_path(path) as tmp:
         picture.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def middle_slices(volume: np.ndarray, n: int = 3) -> np.ndarray:

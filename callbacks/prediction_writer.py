@@ -1,11 +1,12 @@
 """PredictionWriter: `lemis predict` writes one label map per case into the run directory."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import h5py
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from datamodules.files import atomic_path
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -22,8 +23,5 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
-        path = self.out / f"{prediction['case']}.h5"
-        tmp = path.with_suffix(".h5.tmp")
-        with h5py.File(tmp, "w") as f:
+        with atomic_path(self.out / f"{prediction['case']}.h5") as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("prediction", data=prediction["prediction"].numpy(), compression="gzip")
-        os.replace(tmp, path)

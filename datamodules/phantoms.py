@@ -16,13 +16,13 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from datamodules.files import atomic_path
 from datamodules.prepare import minmax, write_h5, write_list
 
 LA_FOLDER = "2018LA_Seg_Training Set"
@@ -361,7 +361,6 @@ def ensure_phantoms(kind: str, root, **kw) -> Path:
                              f"delete the folder or choose another root")
         return root
     _MAKERS[kind](root, **kw)
-    tmp = marker.with_name(MARKER + ".tmp")
-    tmp.write_text(params)
-    os.replace(tmp, marker)
+    with atomic_path(marker) as tmp:
+        tmp.write_text(params)
     return root

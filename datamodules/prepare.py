@@ -28,6 +28,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from datamodules.files import atomic_path
+
 ACDC_CLASSES = (0, 1, 2, 3)
 ACDC_INFO_KEYS = {"ED": int, "ES": int, "Group": str, "Height": float, "Weight": float}
 _FRAME_RE = re.compile(r"^(patient\d+)_frame(\d+)\.nii(?:\.gz)?$")
@@ -43,27 +45,18 @@ class PrepareError(Exception):
 def write_h5(path: str | os.PathLike, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> None:
     """Write ``arrays`` (name -> array, any shape) as gzip datasets, plus file attributes, atomically.
 
-    The file is written to ``<name>.tmp`` and renamed, so an interrupted run never leaves a half-written
-    file under the final name (and never replaces a finished one with it).
+    An interrupted run never leaves a half-written file under the final name (``atomic_path``).
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for key, value in arrays.items():
-                f.create_dataset(key, data=value, compression="gzip", compression_opts=_GZIP_LEVEL)
-            f.attrs.update(attrs or {})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for key, value in arrays.items():
+            f.create_dataset(key, data=value, compression="gzip", compression_opts=_GZIP_LEVEL)
+        f.attrs.update(attrs or {})
 
 
 def write_list(path: str | os.PathLike, names: list[str]) -> None:
     """Write one name a line (with a final newline, as the community files have), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{n}\n" for n in names))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(f"{n}\n" for n in names))
 
 
 def read_list(path: str | os.PathLike) -> list[str]:

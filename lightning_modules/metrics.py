@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
+
+from datamodules.files import atomic_path
 
 METRIC_NAMES = ("dice", "jaccard", "hd95", "asd", "assd", "hd95_mm", "asd_mm", "assd_mm")
 EMPTY_CONVENTIONS = ("lemis", "legacy_zero")
@@ -177,23 +177,12 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def write_rows_csv(rows: list[dict], path) -> None:
-    """Write rows (columns: every key, in first-seen order) to a CSV at ``path``, atomically.
-
-    The file is written next to ``path`` and moved over it with os.replace, so a crash leaves either the old file
-    or the new one, never half of one. The parent folder is created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write rows (columns: every key, in first-seen order) to a CSV at ``path``, atomically (``atomic_path``):
+    a crash leaves either the old file or the new one, never half of one."""
     fieldnames = list(dict.fromkeys(key for row in rows for key in row))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
