@@ -2,6 +2,7 @@
 ``lemis fit --config X --ckpt_path last``."""
 from __future__ import annotations
 
+import glob
 import os
 import re
 from pathlib import Path
@@ -9,6 +10,22 @@ from pathlib import Path
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+LAST = re.compile(rf"^{ModelCheckpoint.CHECKPOINT_NAME_LAST}(-v?\d+)?{re.escape(ModelCheckpoint.FILE_EXTENSION)}$")
+
+
+def last_checkpoints(folder: str) -> set[str]:
+    """Every ``last.ckpt`` (or ``last-vN.ckpt``) in ``folder``, a path or a glob (``runs/x/*/checkpoints``)."""
+    return {str(p) for p in glob.glob(os.path.join(folder, "*")) if LAST.match(Path(p).name)}
+
+
+def newest(paths) -> str | None:
+    """The most recently written of ``paths`` (Lightning's rule for ``--ckpt_path last``), or None; ``paths``
+    may hold sets of paths."""
+    flat = [p for group in paths for p in ([group] if isinstance(group, str) else group)]
+    existing = [p for p in flat if p and os.path.isfile(p)]
+    return max(existing, key=os.path.getmtime) if existing else None
 
 
 class ResumableCheckpoint(ModelCheckpoint):
@@ -67,9 +84,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         if found or self.dirpath is not None or not trainer.loggers:
             return found
         logger = trainer.loggers[0]
-        runs = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name)
-        last = re.compile(rf"^{self.CHECKPOINT_NAME_LAST}(-\d+)?{self.FILE_EXTENSION}$")
-        return {str(p) for p in runs.glob("*/checkpoints/*") if last.match(p.name)}
+        return last_checkpoints(str(Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / "*"
+                                    / "checkpoints"))
 
     def load_state_dict(self, state_dict: dict) -> None:
         dirpath = self.dirpath

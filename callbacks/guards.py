@@ -24,7 +24,7 @@ class NonFiniteGuard(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        step = trainer.global_step - 1
+        step = trainer.global_step  # the step just taken, counted from 1 as in every file of the run
         if loss is None or step % self.every_n_steps:
             return
         if not bool(torch.isfinite(loss.detach())):

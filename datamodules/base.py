@@ -63,21 +63,50 @@ def check_label(label: np.ndarray, num_classes: int, path: Path) -> None:
     low, high = int(label.min()), int(label.max())
     if low < 0 or high >= num_classes:
         bad = sorted(int(v) for v in np.unique(label) if v < 0 or v >= num_classes)
-        raise DataError(f"{path} has label values {bad} outside 0..{num_classes - 1} (data.num_classes={num_classes}).")
+        raise DataError(f"{path} has label values {bad} outside 0..{num_classes - 1} "
+                        f"(data.init_args.num_classes={num_classes}).")
+
+
+def check_image(data: dict, path: Path) -> None:
+    """Image values must be finite, and a label must cover the image's spatial axes (its last label.ndim axes):
+    a NaN volume would otherwise score Dice 0 without a word, a NaN slice stop training without a file name."""
+    image = data["image"]
+    if not np.isfinite(image).all():
+        bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
+        raise DataError(f"{path} has {bad} NaN/inf values in 'image'.")
+    label = data.get("label")
+    if label is not None and image.shape[image.ndim - label.ndim:] != label.shape:
+        raise DataError(f"{path} has image shape {image.shape} but label shape {label.shape}.")
+
+
+def budget_count(budget, n_groups: int) -> int:
+    """Number of labeled groups of a budget: an integer is a count, a float in (0, 1] a fraction of the groups.
+
+    ``labeled: 7`` is 7 patients, ``labeled: 0.1`` of 70 patients is 7 and ``labeled: 1.0`` all of them; a float
+    outside (0, 1] (``2.5``, ``7.0``) is an error rather than a silent truncation to a count.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ConfigError(f"data.init_args.labeled must be a count (integer) or a fraction in (0, 1], got {budget!r}.")
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ConfigError(f"data.init_args.labeled={budget} is neither a count (write an integer) nor a "
+                              f"fraction in (0, 1] of the training patients/cases.")
+        return round(budget * n_groups)
+    return budget
 
 
 def select_labeled(groups: list[str], budget: int | float, rule: str = "first", seed: int = 0) -> list[str]:
     """The labeled groups (patients / cases) of a budget, from ``groups`` in order of first appearance.
 
-    budget: a count, or a fraction in (0, 1) of the groups. rule ``first``: the first N groups in file order
-    (reproduces SSL4MIS's 3 -> 68 and 7 -> 136 slices); ``random``: N groups drawn with ``seed``.
+    budget: see ``budget_count``. rule ``first``: the first N groups in file order (reproduces SSL4MIS's
+    3 -> 68 and 7 -> 136 slices); ``random``: N groups drawn with ``seed``.
     """
     if rule not in SPLIT_RULES:
-        raise ConfigError(f"data.split_rule must be one of {SPLIT_RULES}, got {rule!r}.")
+        raise ConfigError(f"data.init_args.split_rule must be one of {SPLIT_RULES}, got {rule!r}.")
     unique = list(dict.fromkeys(groups))
-    n = round(budget * len(unique)) if isinstance(budget, float) and 0 < budget < 1 else int(budget)
+    n = budget_count(budget, len(unique))
     if not 1 <= n <= len(unique):
-        raise ConfigError(f"data.labeled={budget} is impossible: between 1 and {len(unique)} "
+        raise ConfigError(f"data.init_args.labeled={budget} is impossible: between 1 and {len(unique)} "
                           f"(the number of training patients/cases available) are needed.")
     if rule == "first":
         return unique[:n]
@@ -270,10 +299,10 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def _check_streams(self) -> None:
         if self.batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}.")
+            raise ConfigError(f"data.init_args.batch_size must be >= 1, got {self.batch_size}.")
         if self.labeled_batch_size is not None and not 1 <= self.labeled_batch_size <= self.batch_size:
-            raise ConfigError(f"data.labeled_batch_size={self.labeled_batch_size} must be between 1 and "
-                              f"data.batch_size={self.batch_size}.")
+            raise ConfigError(f"data.init_args.labeled_batch_size={self.labeled_batch_size} must be between 1 and "
+                              f"data.init_args.batch_size={self.batch_size}.")
 
     def _present_filter(self, ids: list[str], list_name: str) -> list[str]:
         if self.present is None:
@@ -288,6 +317,9 @@ class SegmentationDataModule(L.LightningDataModule):
     def split(self) -> tuple[list[str], list[str], list[str]]:
         """(labeled groups, labeled items, unlabeled items) after the budget."""
         units = self.train_units()
+        if not units:
+            raise DataError(f"no training item under {self.root}: {self.train_list} is empty"
+                            + (f" or names nothing in {self.present}." if self.present else "."))
         groups = select_labeled([g for g, _ in units], self.labeled, self.split_rule, self.split_seed)
         chosen = set(groups)
         labeled = [item for g, item in units if g in chosen]
@@ -300,6 +332,7 @@ class SegmentationDataModule(L.LightningDataModule):
         if key in self._cache:
             return self._cache[key]
         data = read_h5(path, keys)
+        check_image(data, path)
         if "label" in keys:
             check_label(data["label"], self.num_classes, path)
         if self.cache:
@@ -316,6 +349,13 @@ class SegmentationDataModule(L.LightningDataModule):
             self._read(path_of(item), keys)
         return items
 
+    def _check_present(self, items: list[str], path_of: Callable[[str], Path], list_name: str, hint: str) -> None:
+        """Every file a list names exists, or one DataError saying how many are missing and what to do."""
+        missing = [i for i in items if not path_of(i).is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} of the {len(items)} files named by {list_name} are missing (first: "
+                            f"{path_of(missing[0])}); {hint}, or skip absent ids with --data.init_args.present=FILE.")
+
     def eval_cases(self, stage: str) -> list[str]:
         """Case ids of an evaluation stage (val/test/predict) from its list file."""
         name = self.lists[stage]
@@ -323,8 +363,10 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def _eval_dataset(self, stage: str) -> Dataset:
         cases = self.eval_cases(stage)
+        option = f"data.init_args.{stage}_list"
         if not cases:
-            raise DataError(f"the {stage} split under {self.root} names no case to evaluate.")
+            raise DataError(f"{self.root / self.lists[stage]} names no case to evaluate ({option}).")
+        self._check_present(cases, self.case_path, self.lists[stage], f"name another split with --{option}=FILE")
         keys = ("image",) if stage == "predict" else ("image", "label")
         self._checked(cases, self.case_path, keys)
         return SampleDataset(cases, self._reader(self.case_path, keys), lambda d: self.eval_case(d, d["case"]))
@@ -332,11 +374,13 @@ class SegmentationDataModule(L.LightningDataModule):
     def _train_datasets(self) -> None:
         groups, labeled, unlabeled = self.split()
         if self.two_streams and not unlabeled:
-            raise ConfigError(f"data.labeled={self.labeled} leaves no unlabeled training data for a two-stream "
-                              f"run; set data.labeled_batch_size to null for a labeled-only run.")
+            raise ConfigError(f"data.init_args.labeled={self.labeled} leaves no unlabeled training data for a "
+                              f"two-stream run; set data.init_args.labeled_batch_size to null for a labeled-only run.")
         rank_zero_info(f"lemis: label budget {self.labeled} -> {len(groups)} groups, {len(labeled)} labeled "
                        f"items, {len(unlabeled)} unlabeled items.")
         self.labeled_groups = groups
+        self._check_present(labeled + (unlabeled if self.two_streams else []), self.train_path, self.train_list,
+                            "fix data.init_args.root")
         both, image_only = ("image", "label"), ("image",)
         self._checked(labeled, self.train_path, both)
         self.datasets["labeled"] = SampleDataset(labeled, self._reader(self.train_path, both),
@@ -346,6 +390,12 @@ class SegmentationDataModule(L.LightningDataModule):
             self._checked(unlabeled, self.train_path, image_only)
             self.datasets["unlabeled"] = SampleDataset(unlabeled, self._reader(self.train_path, image_only),
                                                        lambda d: self.train_sample(d, d["case"]))
+            n_lab = self.labeled_batch_size
+            for name, n in (("labeled", n_lab), ("unlabeled", self.batch_size - n_lab)):
+                if len(self.datasets[name]) < n:
+                    raise ConfigError(f"the {name} stream has {len(self.datasets[name])} items, fewer than its "
+                                      f"batch of {n} (data.init_args.batch_size / "
+                                      f"data.init_args.labeled_batch_size).")
 
     def setup(self, stage: str | None = None) -> None:
         if not self.root.is_dir():
@@ -355,6 +405,12 @@ class SegmentationDataModule(L.LightningDataModule):
         for name, stages in (("val", ("fit", "validate", None)), ("test", ("test",)), ("predict", ("predict",))):
             if stage in stages and name not in self.datasets:
                 self.datasets[name] = self._eval_dataset(name)
+
+    def first_image(self, stage: str) -> torch.Tensor:
+        """The image [C, *S] of the first item a stage reads (after ``setup(stage)``); a training item is drawn
+        with augmentation seed 0, leaving the caller's random state as it was."""
+        name = {"fit": "labeled", "validate": "val"}.get(stage, stage)
+        return self.datasets[name][(0, 0) if stage == "fit" else 0]["image"]
 
     # ---- loaders -----------------------------------------------------------------------------------------------
     def _worker_options(self) -> dict:
@@ -381,10 +437,6 @@ class SegmentationDataModule(L.LightningDataModule):
             return self._stream("labeled", self.batch_size, False)
         n_lab = self.labeled_batch_size
         n_unl = self.batch_size - n_lab
-        for name, n in (("labeled", n_lab), ("unlabeled", n_unl)):
-            if len(self.datasets[name]) < n:
-                raise ConfigError(f"the {name} stream has {len(self.datasets[name])} items, fewer than its "
-                                  f"batch of {n} (data.batch_size / data.labeled_batch_size).")
         loaders = {"labeled": self._stream("labeled", n_lab, True),
                    "unlabeled": self._stream("unlabeled", n_unl, True)}
         return CombinedLoader(loaders, mode="max_size_cycle")

@@ -39,7 +39,7 @@ class LADataModule(SegmentationDataModule):
     def _train_ids(self) -> tuple[list[str], list[str]]:
         ids = self._present_filter(read_list(self.root / self.train_list), self.train_list)
         if not 0 <= self.val_cases < len(ids):
-            raise ConfigError(f"data.val_cases={self.val_cases} must leave training cases "
+            raise ConfigError(f"data.init_args.val_cases={self.val_cases} must leave training cases "
                               f"(train.list has {len(ids)}).")
         cut = len(ids) - self.val_cases
         return ids[:cut], ids[cut:]

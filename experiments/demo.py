@@ -13,7 +13,7 @@ from pathlib import Path
 from callbacks.image_logger import middle_slices, panel, save_png
 from datamodules.errors import LemisError
 from datamodules.phantoms import ensure_phantoms
-from experiments.__main__ import LemisCLI
+from experiments.cli import LemisCLI
 
 ROOT = Path(".cache/phantoms/acdc")
 PHANTOM = dict(n_train=20, n_val=4, n_test=2, size=(64, 64), seed=0)

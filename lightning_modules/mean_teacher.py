@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from callbacks.ema_teacher import EMATeacher
 from datamodules.errors import ConfigError
 from lightning_modules import losses
 from lightning_modules.segmentation import SegmentationModule
@@ -32,18 +33,22 @@ class MeanTeacher(SegmentationModule):
                  noise_clip: float = 0.2, teacher_mode: str = "train", ema_decay: float = 0.99, **kwargs):
         super().__init__(**kwargs)
         if teacher_mode not in TEACHER_MODES:
-            raise ConfigError(f"model.teacher_mode must be one of {TEACHER_MODES}, got {teacher_mode!r}.")
+            raise ConfigError(f"model.init_args.teacher_mode must be one of {TEACHER_MODES}, got {teacher_mode!r}.")
         if rampup_epoch_len < 1:
-            raise ConfigError(f"model.rampup_epoch_len must be >= 1, got {rampup_epoch_len}.")
+            raise ConfigError(f"model.init_args.rampup_epoch_len must be >= 1, got {rampup_epoch_len}.")
         self.save_hyperparameters(ignore=["net"])
         self.teacher: nn.Module | None = None
 
-    def on_fit_start(self) -> None:
-        if self.teacher is None:
-            raise ConfigError("MeanTeacher needs the callbacks.EMATeacher callback in trainer.callbacks.")
-        if not getattr(self.trainer.datamodule, "two_streams", True):
-            raise ConfigError("MeanTeacher needs an unlabeled stream: set data.labeled_batch_size "
-                              "below data.batch_size.")
+    def check_setup(self, trainer, datamodule, stage: str) -> None:
+        super().check_setup(trainer, datamodule, stage)
+        if stage != "fit":
+            return
+        if not any(isinstance(callback, EMATeacher) for callback in trainer.callbacks):
+            raise ConfigError(f"{type(self).__name__} needs the callbacks.ema_teacher.EMATeacher callback in "
+                              f"trainer.callbacks.")
+        if not getattr(datamodule, "two_streams", True):
+            raise ConfigError(f"{type(self).__name__} needs an unlabeled stream: set "
+                              f"data.init_args.labeled_batch_size below data.init_args.batch_size.")
 
     def consistency_weight(self, step: int) -> float:
         hp = self.hparams

@@ -48,6 +48,17 @@ def overlap_for_stride(roi_size: tuple[int, ...], stride: tuple[int, ...]) -> li
     return [max(1.0 - (s + 0.5) / r, 0.0) for r, s in zip(roi_size, stride)]
 
 
+def check_optimizer_options(**values: float) -> None:
+    """SGD and schedule options with a value no run can use (``lr=-1``, ``momentum=1.5``): one sentence each."""
+    valid = {"lr": (lambda v: v > 0, "> 0"), "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+             "weight_decay": (lambda v: v >= 0, ">= 0"), "poly_power": (lambda v: v > 0, "> 0"),
+             "lr_step_size": (lambda v: v >= 1, ">= 1"), "lr_gamma": (lambda v: 0 < v <= 1, "in (0, 1]")}
+    for name, value in values.items():
+        ok, rule = valid[name]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+            raise ConfigError(f"model.init_args.{name} must be {rule}, got {value!r}.")
+
+
 class SegmentationModule(L.LightningModule):
     """Supervised segmentation; the labeled-only baseline as is.
 
@@ -83,9 +94,11 @@ class SegmentationModule(L.LightningModule):
     ):
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"model.lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
+            raise ConfigError(f"model.init_args.lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
         if infer_mode not in INFER_MODES:
-            raise ConfigError(f"model.infer_mode must be one of {INFER_MODES}, got {infer_mode!r}.")
+            raise ConfigError(f"model.init_args.infer_mode must be one of {INFER_MODES}, got {infer_mode!r}.")
+        check_optimizer_options(lr=lr, momentum=momentum, weight_decay=weight_decay, poly_power=poly_power,
+                                lr_step_size=lr_step_size, lr_gamma=lr_gamma)
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self.roi_size = tuple(roi_size)
@@ -106,25 +119,62 @@ class SegmentationModule(L.LightningModule):
         return loss
 
     def log_step(self, metrics: dict) -> None:
-        """Training scalars, handed to Lightning only on the steps its loggers write (every
-        ``trainer.log_every_n_steps``). Step-only values logged in between are overwritten unseen, and
-        ``self.log`` costs ~1.5 ms a value on 2 CPU cores (py-spy: 3 % of an SGRS step in the benchmark)."""
+        """Training scalars and the LR of this step, handed to Lightning only on the steps its loggers write
+        (every ``trainer.log_every_n_steps``). Step-only values logged in between are overwritten unseen, and
+        ``self.log`` costs ~1.5 ms a value on 2 CPU cores (py-spy: 3 % of an SGRS step in the benchmark).
+
+        Every file of a run numbers steps alike: step N is the N-th optimizer step, so its losses and LR, the
+        validation after it (``metrics.csv``, ``per_case_val.csv``, ``images/val_stepN.png``) and the
+        checkpoint of its weights (``best-step=N.ckpt``) all say N. Lightning's own logger step counts from 0,
+        hence the explicit ``step``.
+        """
         trainer = self._trainer
-        if trainer is not None and (self.global_step + 1) % trainer.log_every_n_steps and not trainer.should_stop:
+        if trainer is None:
             return
-        self.log_dict(metrics)
+        if (self.global_step + 1) % trainer.log_every_n_steps and not trainer.should_stop:
+            return
+        lrs = {"lr" if i == 0 else f"lr/{i}": opt.param_groups[0]["lr"] for i, opt in enumerate(trainer.optimizers)}
+        self.log_dict({**metrics, **lrs, "step": float(self.global_step + 1)})
 
     def configure_optimizers(self):
         hp = self.hparams
         max_steps = self.trainer.max_steps
-        if hp.lr_schedule in ("poly", "linear") and max_steps <= 0:
-            raise ConfigError(f"model.lr_schedule={hp.lr_schedule} needs trainer.max_steps > 0.")
         optimizer = torch.optim.SGD(self.net.parameters(), lr=hp.lr, momentum=hp.momentum,
                                     weight_decay=hp.weight_decay)
         factor = partial(lr_factor, schedule=hp.lr_schedule, max_steps=max_steps, power=hp.poly_power,
                          step_size=hp.lr_step_size, gamma=hp.lr_gamma)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checks before a run writes anything ----------------------------------------------------------------
+    @torch.no_grad()
+    def check_setup(self, trainer, datamodule, stage: str) -> None:
+        """What a run needs of its trainer and data, checked by the CLI after ``datamodule.setup(stage)`` and
+        before the run directory exists: the schedule has a length, the model, its net and the data agree on K,
+        and the net takes the data's images (one forward of zeros shaped like one ROI of the stage's first image,
+        in eval mode, so no statistics or random state change)."""
+        hp = self.hparams
+        if stage == "fit" and hp.lr_schedule in ("poly", "linear") and trainer.max_steps <= 0:
+            raise ConfigError(f"model.init_args.lr_schedule={hp.lr_schedule} needs trainer.max_steps > 0.")
+        k, data_k = self.hparams.num_classes, getattr(datamodule, "num_classes", self.hparams.num_classes)
+        if data_k != k:
+            raise ConfigError(f"model.init_args.num_classes={k} but data.init_args.num_classes={data_k}: both count "
+                              f"the classes of the labels, background included.")
+        channels = datamodule.first_image(stage).shape[0]
+        x = torch.zeros(1, channels, *self.roi_size)
+        training = self.net.training
+        self.net.eval()
+        try:
+            out = self.net(x)
+        except RuntimeError as err:
+            first = str(err).splitlines()[0]
+            raise ConfigError(f"the net (model.init_args.net) cannot take this data's images {tuple(x.shape)}: "
+                              f"{first}") from None
+        finally:
+            self.net.train(training)
+        if out.shape[1] != k:
+            raise ConfigError(f"the net (model.init_args.net) outputs {out.shape[1]} channels but "
+                              f"model.init_args.num_classes={k}: set the net's number of output classes to {k}.")
 
     # ---- whole-case inference -------------------------------------------------------------------------------
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,6 +237,7 @@ class SegmentationModule(L.LightningModule):
         for key, value in summary.items():
             if not (isinstance(value, float) and math.isnan(value)):
                 self.log(f"{stage}/{key}", float(value), sync_dist=False, rank_zero_only=False)
+        self.log("step", float(self.global_step), sync_dist=False, rank_zero_only=False)  # see log_step
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if self.trainer.is_global_zero and log_dir and not self.trainer.sanity_checking:
             step_rows = [{"step": self.global_step, **r} for r in rows]

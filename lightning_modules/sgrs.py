@@ -134,9 +134,9 @@ class SGRS(MeanTeacher):
                                      ("consistent_ce_mask", consistent_ce_mask, CE_MASKS),
                                      ("ema_mode", ema_mode, EMA_MODES), ("sup_dice", sup_dice, SUP_DICE)):
             if value not in allowed:
-                raise ConfigError(f"model.{name} must be one of {allowed}, got {value!r}.")
+                raise ConfigError(f"model.init_args.{name} must be one of {allowed}, got {value!r}.")
         if not 0 < tau < 0.5:
-            raise ConfigError(f"model.tau must be in (0, 0.5), got {tau}.")
+            raise ConfigError(f"model.init_args.tau must be in (0, 0.5), got {tau}.")
         super().__init__(consistency=consistency, consistency_rampup=consistency_rampup,
                          consistency_gate_steps=consistency_gate_steps, **kwargs)
         self.save_hyperparameters(ignore=["net"])

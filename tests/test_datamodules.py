@@ -28,7 +28,7 @@ def test_select_labeled_first_keeps_file_order():
 
 @pytest.mark.parametrize("budget", [0, 5, -1])
 def test_impossible_budget_names_the_option(budget):
-    with pytest.raises(ConfigError, match=r"data\.labeled="):
+    with pytest.raises(ConfigError, match=r"data\.init_args\.labeled="):
         select_labeled(["a", "b", "c", "d"], budget)
 
 
@@ -114,7 +114,7 @@ def test_corrupt_h5(acdc_phantom, tmp_path):
 
 def test_missing_file(acdc_phantom, tmp_path):
     dm, path = _copy_with(acdc_phantom, tmp_path, lambda p: p.unlink())
-    with pytest.raises(DataError, match=rf"missing file .*{path.name}"):
+    with pytest.raises(DataError, match=rf"1 of the .* files named by train_slices.list are missing \(first: .*{path.name}\)"):
         dm.setup("fit")
 
 
@@ -131,10 +131,10 @@ def test_label_out_of_range(acdc_phantom, tmp_path):
 
 
 @pytest.mark.parametrize("kw,message", [
-    ({"labeled": 0}, r"data\.labeled=0 is impossible"),
-    ({"labeled": 99}, r"data\.labeled=99 is impossible"),
+    ({"labeled": 0}, r"data\.init_args\.labeled=0 is impossible"),
+    ({"labeled": 99}, r"data\.init_args\.labeled=99 is impossible"),
     ({"labeled": 6}, r"leaves no unlabeled training data"),
-    ({"labeled_batch_size": 9}, r"data\.labeled_batch_size=9 must be between 1 and data\.batch_size=4"),
+    ({"labeled_batch_size": 9}, r"data\.init_args\.labeled_batch_size=9 must be between 1 and data\.init_args\.batch_size=4"),
 ])
 def test_impossible_budget_or_batch(acdc_phantom, kw, message):
     with pytest.raises(ConfigError, match=message):
@@ -156,7 +156,7 @@ def test_la_present_filter_and_budget(tmp_path):
     case = next(iter(dm.val_dataloader()))
     assert case["spacing"] == [(0.625, 0.625, 0.625)] and case["case"][0] in present
     without = LADataModule(str(root), labeled=2, num_workers=0)
-    with pytest.raises(DataError, match="missing file"):
+    with pytest.raises(DataError, match=r"of the 2 files named by test.list are missing .*data.init_args.present"):
         without.setup("fit")
 
 

@@ -55,6 +55,7 @@ def test_ddp_teacher_methods_two_ranks(method, extra, acdc_phantom, la_phantom, 
         assert torch.equal(t0[key], t1[key]), key  # bit-identical, buffers included
 
     (run,) = [p.parent for p in tmp_path.rglob("per_case_val.csv")]
+    assert list(tmp_path.glob("*/version_*")) == [run]  # rank 1 claimed no directory of its own
     if method == "sgrs":  # rank 0 drew the training sample at every step without leaving rank 1 waiting
         drawn = sorted(p.name for p in (run / "images").glob("train_step*.png"))
         assert drawn == [f"train_step{i}.png" for i in (1, 2, 3)]

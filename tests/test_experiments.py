@@ -7,7 +7,8 @@ import pytest
 import torch
 import yaml
 
-from experiments.__main__ import LemisCLI, main
+from experiments.__main__ import main
+from experiments.cli import LemisCLI
 from tests.conftest import REPO
 
 CONFIGS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if "sweeps" not in p.parts)
@@ -72,7 +73,7 @@ def test_teacher_equals_student_after_first_step(acdc_phantom, la_phantom, tmp_p
 
 @pytest.mark.parametrize("override,needle", [
     ("--model.init_args.consistncy=0.3", "consistncy"),
-    ("--data.init_args.labeled=0", "data.labeled=0 is impossible"),
+    ("--data.init_args.labeled=0", "data.init_args.labeled=0 is impossible"),
     ("--data.init_args.root=/no/such/dir", "data root /no/such/dir does not exist"),
     ("--trainer.no_such_key=1", "no_such_key"),
 ])
@@ -135,7 +136,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(acdc_phantom, l
         "--trainer.callbacks+=tests.test_experiments._PoisonAt", "--trainer.callbacks.step=3"]
     assert main(["fit", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "training loss is nan at step 3" in err
+    assert "training loss is nan at step 4" in err  # the 4th step, poisoned as it started after 3
     ckpt = next(tmp_path.rglob("last.ckpt"))
     state = torch.load(ckpt, weights_only=False)
     assert state["global_step"] == 3 and all(torch.isfinite(v).all() for v in state["state_dict"].values()

@@ -327,6 +327,6 @@ def test_prepare_errors(raw, tmp_path, capsys):
 
 def test_prepare_command_line_exit_code(tmp_path):
     result = subprocess.run([sys.executable, "-m", "datamodules.prepare", "acdc", str(tmp_path / "none"),
-                             str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
+                             str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
     assert result.stderr.startswith("lemis: error: ") and result.stderr.count("\n") == 1

@@ -2,8 +2,9 @@
 
 Geometry (ACDC phantom, 2 labeled patients): batches of 2 labeled + 4 unlabeled slices, so an epoch is the labeled
 stream's 10 batches and the unlabeled stream (38 slices) cycles every 9; validation after 3, 6, 9 and 12 steps.
-The killed run writes last.ckpt after every step, keeps a copy of the one after 9 steps and is SIGKILLed as the
-11th step starts, so two resumes are checked against the uninterrupted run:
+Every run writes last.ckpt after every step, under one configuration (a resume refuses another one); the killed
+run keeps a copy of the checkpoint after 9 steps and is SIGKILLed as the 11th step starts, so two resumes are
+checked against the uninterrupted run:
 - after 10 steps, with ``--ckpt_path last``: an epoch boundary, written at the end of a training batch;
 - after 9 steps: mid-epoch, written after validation, the unlabeled pass just used up; resumed with two loader
   workers, since batches do not depend on the worker count.
@@ -26,35 +27,37 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
 
 
-class KillAt(L.Callback):
-    """Copies last.ckpt to ``keep`` when step ``keep_step`` starts; SIGKILLs its own process when step ``step``
-    starts (no handler runs, nothing is flushed: a kill at a deterministic point, not after a sleep)."""
+KILL = "LEMIS_TEST_KILL"  # "<step>:<keep step>:<keep path>"; unset in the runs that are not killed
 
-    def __init__(self, step: int, keep_step: int, keep: str):
-        self.step, self.keep_step, self.keep = step, keep_step, keep
+
+class KillAt(L.Callback):
+    """With $LEMIS_TEST_KILL set: copies last.ckpt to the keep path when the keep step starts, SIGKILLs its own
+    process when the kill step starts (no handler runs, nothing is flushed: a kill at a deterministic point, not
+    after a sleep). Without it, nothing: every run has this callback, so all share one configuration."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.keep_step:
-            shutil.copy(trainer.checkpoint_callback.last_model_path, self.keep)
-        if trainer.global_step == self.step:
+        if KILL not in os.environ:
+            return
+        step, keep_step, keep = os.environ[KILL].split(":", 2)
+        if trainer.global_step == int(keep_step):
+            shutil.copy(trainer.checkpoint_callback.last_model_path, keep)
+        if trainer.global_step == int(step):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def config(tmp_path: Path, killed: bool) -> Path:
-    """experiments/acdc/mean_teacher.yaml; the killed run writes last.ckpt every step and has KillAt."""
+def config(tmp_path: Path) -> Path:
+    """experiments/acdc/mean_teacher.yaml with last.ckpt every step and KillAt."""
     cfg = yaml.safe_load((REPO / "experiments" / "acdc" / "mean_teacher.yaml").read_text())
-    if killed:
-        for callback in cfg["trainer"]["callbacks"]:
-            if callback.get("init_args", {}).get("save_last"):
-                callback["init_args"]["every_n_train_steps"] = 1
-        cfg["trainer"]["callbacks"].append({"class_path": "tests.test_resume.KillAt", "init_args": {
-            "step": 10, "keep_step": 9, "keep": str(tmp_path / "step9.ckpt")}})
-    path = tmp_path / f"{'killed' if killed else 'run'}.yaml"
+    for callback in cfg["trainer"]["callbacks"]:
+        if callback.get("init_args", {}).get("save_last"):
+            callback["init_args"]["every_n_train_steps"] = 1
+    cfg["trainer"]["callbacks"].append({"class_path": "tests.test_resume.KillAt"})
+    path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def fit(cfg: Path, root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def fit(cfg: Path, root: Path, out: Path, *extra: str, kill: str | None = None) -> subprocess.CompletedProcess:
     args = ["--config", str(cfg), f"--data.init_args.root={root}", "--data.init_args.patch_size=[32, 32]",
             "--data.init_args.labeled=2", "--data.init_args.batch_size=6", "--data.init_args.labeled_batch_size=2",
             "--data.init_args.num_workers=0", "--model.init_args.lr=0.001",  # keeps validation Dice above 0
@@ -63,7 +66,7 @@ def fit(cfg: Path, root: Path, out: Path, *extra: str) -> subprocess.CompletedPr
             "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={out}", *extra]
     # One thread in every run (the same arithmetic; OpenMP threads spin-waiting on a shared 2-core machine
     # also make each step 40x slower).
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != KILL} | {"OMP_NUM_THREADS": "1"} | ({KILL: kill} if kill else {})
     return subprocess.run([sys.executable, "-m", "experiments", "fit", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -96,7 +99,7 @@ def assert_same_end(resumed: tuple[dict, list[dict]], whole: tuple[dict, list[di
     """The resumed run started after ``start`` steps (not from scratch, which would also end equal) and ended
     equal to the uninterrupted run."""
     (a, a_rows), (b, b_rows) = resumed, whole
-    assert int(a_rows[0]["step"]) == start
+    assert int(a_rows[0]["step"]) == start + 1  # its first row is the (start + 1)-th step
     assert a["global_step"] == b["global_step"] == STEPS
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key in b["state_dict"]:  # student, teacher, BatchNorm buffers
@@ -107,15 +110,16 @@ def assert_same_end(resumed: tuple[dict, list[dict]], whole: tuple[dict, list[di
         assert identical(a["callbacks"][callback], b["callbacks"][callback]), callback
     # Every row the resumed run logged (losses, consistency weight, LR, validation Dice) equals the uninterrupted
     # run's row for that step.
-    assert a_rows == [row for row in b_rows if int(row["step"]) >= start]
+    assert a_rows == [row for row in b_rows if int(row["step"]) > start]
     assert float(a_rows[-1]["val/dice/mean"]) > 0
 
 
 def test_sigkill_then_resume_equals_uninterrupted(acdc_phantom, tmp_path):
-    whole = fit(config(tmp_path, killed=False), acdc_phantom, tmp_path / "whole")
+    cfg = config(tmp_path)
+    whole = fit(cfg, acdc_phantom, tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
 
-    killed = fit(config(tmp_path, killed=True), acdc_phantom, tmp_path / "runs")
+    killed = fit(cfg, acdc_phantom, tmp_path / "runs", kill=f"10:9:{tmp_path / 'step9.ckpt'}")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     at_kill = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=False)
     kept = torch.load(tmp_path / "step9.ckpt", weights_only=False)
@@ -124,11 +128,11 @@ def test_sigkill_then_resume_equals_uninterrupted(acdc_phantom, tmp_path):
     assert loader_positions(at_kill) == [(0, 0, 10), (0, 1, 1)]  # the epoch's last batch
     assert loader_positions(kept) == [(0, 0, 9), (0, 0, 9)]  # mid-epoch, the unlabeled pass used up
 
-    resumed = fit(config(tmp_path, killed=False), acdc_phantom, tmp_path / "runs", "--ckpt_path=last")
+    resumed = fit(cfg, acdc_phantom, tmp_path / "runs", "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_end(final(tmp_path / "runs"), final(tmp_path / "whole"), start=10)
 
-    mid_epoch = fit(config(tmp_path, killed=False), acdc_phantom, tmp_path / "from9",
+    mid_epoch = fit(cfg, acdc_phantom, tmp_path / "from9",
                     f"--ckpt_path={tmp_path / 'step9.ckpt'}", "--data.init_args.num_workers=2")
     assert mid_epoch.returncode == 0, mid_epoch.stderr[-3000:]
     assert_same_end(final(tmp_path / "from9"), final(tmp_path / "whole"), start=9)

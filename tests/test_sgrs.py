@@ -9,7 +9,7 @@ import torch
 import yaml
 from torch import nn
 
-from experiments.__main__ import LemisCLI
+from experiments.cli import LemisCLI
 from lightning_modules import losses
 from lightning_modules.sgrs import (SGRS, draw_mix, masked_soft_dice, mix, region_map, regional_ce, sgrs_code_dice,
                                     synergy_regions, uncertain, weight_ema_step)
@@ -167,7 +167,7 @@ def test_double_ema_decays_the_student_and_averages_bn_statistics():
 @pytest.mark.parametrize("option", ["uncertainty_rule=median", "ema_mode=triple", "tau=0.6"])
 def test_bad_options_name_themselves(option):
     name, value = option.split("=")
-    with pytest.raises(Exception, match=f"model.{name}"):
+    with pytest.raises(Exception, match=f"model.init_args.{name}"):
         module(**{name: float(value) if name == "tau" else value})
 
 
