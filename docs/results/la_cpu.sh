@@ -49,5 +49,5 @@ if [[ $STAGE != train ]]; then
     done
     RUNS+=(runs/la_cpu_${METHOD}_last/version_*)
   done
-  "$PY" -m experiments.summarize "${RUNS[@]}"
+  "$PY" -m experiments.compare summarize "${RUNS[@]}"
 fi
