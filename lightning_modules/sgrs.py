@@ -21,6 +21,7 @@ UNCERTAINTY_RULES = ("maxprob", "entropy")
 CE_MASKS = ("c_prime", "c")
 EMA_MODES = ("single", "double")
 SUP_DICE = ("ssl4mis", "sgrs_code")
+RAMP_STARTS = ("step", "teacher")
 CODE_STUDENT_DECAY = 0.02 * 0.01  # WeightEMA's extra decay of the student, hard-coded in the authors' code
 
 
@@ -123,16 +124,24 @@ class SGRS(MeanTeacher):
         ema_mode: ``single`` (default, Mean Teacher EMA) or ``double`` (code: WeightEMA then EMA, sec. 7).
         sup_dice: ``ssl4mis`` (default, factor 2) or ``sgrs_code`` (the code's DiceLoss).
         ce_mask_broadcast_bug: reproduce the code's D' broadcast in the CE term (default False).
+        ramp_start: ``step`` (published: the ramp counts from step 0) or ``teacher``: the weight is 0 until the
+            teacher is usable and the ramp counts from that step (t0). Usable = the running mean (decay
+            ``teacher_ratio_decay``) of fg(pseudo labels of x_u) / fg(labels of x_l) has reached
+            ``teacher_fg_ratio``: a teacher that still calls almost every voxel background scores near 0. A
+            lemis option for short schedules (mean_teacher.md 3b): scaling the published ramp keeps its shape
+            but not the teacher's quality at each point of it.
     """
 
     def __init__(self, consistency: float = 1.0, consistency_rampup: float = 40.0, consistency_gate_steps: int = 0,
                  tau: float = 0.425, uncertainty_rule: str = "maxprob", ce_smoothing: float = 0.2,
                  dice_smooth_consistent: float = 1.0, dice_smooth_different: float = 20.0, mix_alpha: float = 0.75,
                  consistent_ce_mask: str = "c_prime", ema_mode: str = "single", sup_dice: str = "ssl4mis",
-                 ce_mask_broadcast_bug: bool = False, **kwargs):
+                 ce_mask_broadcast_bug: bool = False, ramp_start: str = "step", teacher_fg_ratio: float = 0.5,
+                 teacher_ratio_decay: float = 0.9, **kwargs):
         for name, value, allowed in (("uncertainty_rule", uncertainty_rule, UNCERTAINTY_RULES),
                                      ("consistent_ce_mask", consistent_ce_mask, CE_MASKS),
-                                     ("ema_mode", ema_mode, EMA_MODES), ("sup_dice", sup_dice, SUP_DICE)):
+                                     ("ema_mode", ema_mode, EMA_MODES), ("sup_dice", sup_dice, SUP_DICE),
+                                     ("ramp_start", ramp_start, RAMP_STARTS)):
             if value not in allowed:
                 raise ConfigError(f"model.init_args.{name} must be one of {allowed}, got {value!r}.")
         if not 0 < tau < 0.5:
@@ -141,6 +150,30 @@ class SGRS(MeanTeacher):
                          consistency_gate_steps=consistency_gate_steps, **kwargs)
         self.save_hyperparameters(ignore=["net"])
         self.train_example: Callable[[], dict] | None = None
+        self.ramp = {"origin": -1, "ratio": 0.0}  # t0 (-1: not yet) and the running fg ratio; in checkpoints
+
+    def pseudo_weight(self, pseudo: torch.Tensor, label: torch.Tensor) -> float:
+        """w(t) of L_pseudo for pseudo labels [B_u, *S] of this step and the labeled half's labels [B_l, *S]:
+        MeanTeacher's gated ramp of t, or of t - t0 with ``ramp_start: teacher`` (0 before t0)."""
+        step = self.global_step
+        if self.hparams.ramp_start == "step":
+            return self.consistency_weight(step)
+        if self.ramp["origin"] < 0:
+            ratio = (pseudo > 0).float().mean() / (label > 0).float().mean().clamp_min(1e-6)
+            if self._trainer is not None and self.trainer.world_size > 1:  # one t0 on every rank
+                ratio = self.trainer.strategy.reduce(ratio, reduce_op="mean")
+            decay = self.hparams.teacher_ratio_decay
+            self.ramp["ratio"] = decay * self.ramp["ratio"] + (1 - decay) * float(ratio)
+            if self.ramp["ratio"] < self.hparams.teacher_fg_ratio:
+                return 0.0
+            self.ramp["origin"] = step
+        return self.consistency_weight(step - self.ramp["origin"])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sgrs_ramp"] = dict(self.ramp)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.ramp = dict(checkpoint.get("sgrs_ramp", self.ramp))
 
     def supervised_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         if self.hparams.sup_dice == "ssl4mis":
@@ -179,14 +212,15 @@ class SGRS(MeanTeacher):
         with torch.no_grad():                                                            # 6.
             regions = synergy_regions(p_u, p_m, self.hparams.tau, self.hparams.uncertainty_rule)
         terms = self.pseudo_loss(z_u, z_m, p_u, p_m, pseudo, regions)                    # 7.
-        weight = self.consistency_weight(self.global_step)                               # 8.
+        weight = self.pseudo_weight(pseudo, y_l)                                         # 8.
         loss = loss_sup + weight * terms["pseudo"]
         self.log_step({"loss/sup": loss_sup, "loss/total": loss, "cons_weight": weight,                # 11.
                        **{f"loss/{k}": v for k, v in terms.items()},
                        **{f"sgrs/frac_{name}": regions[key].float().mean() for name, key in
                           (("consistent", "C"), ("different", "D"), ("uncertain", "I"), ("c_prime", "C'"),
                            ("d_prime", "D'"))},
-                       "sgrs/lambda_mean": lam.mean(), "sgrs/pseudo_fg_frac": (pseudo > 0).float().mean()})
+                       "sgrs/lambda_mean": lam.mean(), "sgrs/pseudo_fg_frac": (pseudo > 0).float().mean(),
+                       "sgrs/teacher_fg_ratio": self.ramp["ratio"], "sgrs/ramp_origin": float(self.ramp["origin"])})
         # Drawn only when the ImageLogger asks: nothing is computed for it on the other steps.
         self.train_example = lambda: {"image": x_u[0, 0], "mixed": x_m[0, 0], "pseudo label": pseudo[0],
                                       "student on x_u": z_u[0].detach().argmax(0),

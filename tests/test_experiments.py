@@ -11,7 +11,7 @@ from experiments.__main__ import main
 from experiments.cli import LemisCLI
 from tests.conftest import REPO
 
-CONFIGS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if "sweeps" not in p.parts)
+CONFIGS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if not {"sweeps", "compare"} & set(p.parts))
 
 
 def phantom_args(config: Path, acdc_root: Path, la_root: Path, out: Path) -> list[str]:

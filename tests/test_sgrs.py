@@ -139,6 +139,31 @@ def test_rampup_values(step, weight):
     assert module().consistency_weight(step) == pytest.approx(weight, abs=1e-6)
 
 
+def test_ramp_starts_when_the_teacher_is_usable(monkeypatch):
+    """ramp_start: teacher. Labels half foreground; the running ratio (decay 0.5) of pseudo-label to label
+    foreground is 0 after step 0 (w = 0), 0.5 * 0 + 0.5 * 2 = 1 >= 0.5 after step 1: t0 = 1, so step 1 gets
+    w(0) = exp(-5) and step 3 gets w(2) = exp(-5 (1 - 2/4)^2) = exp(-1.25); t0 travels with checkpoints."""
+    monkeypatch.setattr(SGRS, "global_step", property(lambda self: self.t))
+    m = module(ramp_start="teacher", teacher_fg_ratio=0.5, teacher_ratio_decay=0.5, rampup_epoch_len=1,
+               consistency_rampup=4)
+    label = torch.tensor([[0, 1]])
+    background, foreground = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long)
+    m.t = 0
+    assert m.pseudo_weight(background, label) == 0.0 and m.ramp == {"origin": -1, "ratio": 0.0}
+    m.t = 1
+    assert m.pseudo_weight(foreground, label) == pytest.approx(math.exp(-5)) and m.ramp["origin"] == 1
+    m.t = 3
+    assert m.pseudo_weight(background, label) == pytest.approx(math.exp(-1.25))  # started: no longer measured
+    checkpoint = {}
+    m.on_save_checkpoint(checkpoint)
+    resumed = module(ramp_start="teacher")
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.ramp == {"origin": 1, "ratio": 1.0}
+    published = module()
+    published.t = 0
+    assert published.pseudo_weight(background, label) == published.consistency_weight(0)  # ramp_start: step
+
+
 def test_supervised_dice_variants():
     probs = torch.tensor([[0.8, 0.4], [0.2, 0.6]])[None]  # [1, K=2, 2 voxels]
     label = torch.tensor([[0, 1]])
