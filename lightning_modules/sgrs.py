@@ -126,18 +126,19 @@ class SGRS(MeanTeacher):
         ce_mask_broadcast_bug: reproduce the code's D' broadcast in the CE term (default False).
         ramp_start: ``step`` (published: the ramp counts from step 0) or ``teacher``: the weight is 0 until the
             teacher is usable and the ramp counts from that step (t0). Usable = the running mean (decay
-            ``teacher_ratio_decay``) of fg(pseudo labels of x_u) / fg(labels of x_l) has reached
-            ``teacher_fg_ratio``: a teacher that still calls almost every voxel background scores near 0. A
-            lemis option for short schedules (mean_teacher.md 3b): scaling the published ramp keeps its shape
-            but not the teacher's quality at each point of it.
+            ``teacher_dice_decay``) of the teacher's foreground Dice on the labeled half (its hard prediction
+            on the noisy x_l against y_l, one extra teacher pass per step until t0) has reached
+            ``teacher_dice``. A lemis option for short schedules (mean_teacher.md 3b): scaling the published
+            ramp keeps its shape but not the teacher's quality at each point of it. (A foreground-fraction
+            signal does not do: an untrained net may call most voxels foreground.)
     """
 
     def __init__(self, consistency: float = 1.0, consistency_rampup: float = 40.0, consistency_gate_steps: int = 0,
                  tau: float = 0.425, uncertainty_rule: str = "maxprob", ce_smoothing: float = 0.2,
                  dice_smooth_consistent: float = 1.0, dice_smooth_different: float = 20.0, mix_alpha: float = 0.75,
                  consistent_ce_mask: str = "c_prime", ema_mode: str = "single", sup_dice: str = "ssl4mis",
-                 ce_mask_broadcast_bug: bool = False, ramp_start: str = "step", teacher_fg_ratio: float = 0.5,
-                 teacher_ratio_decay: float = 0.9, **kwargs):
+                 ce_mask_broadcast_bug: bool = False, ramp_start: str = "step", teacher_dice: float = 0.5,
+                 teacher_dice_decay: float = 0.9, **kwargs):
         for name, value, allowed in (("uncertainty_rule", uncertainty_rule, UNCERTAINTY_RULES),
                                      ("consistent_ce_mask", consistent_ce_mask, CE_MASKS),
                                      ("ema_mode", ema_mode, EMA_MODES), ("sup_dice", sup_dice, SUP_DICE),
@@ -150,21 +151,22 @@ class SGRS(MeanTeacher):
                          consistency_gate_steps=consistency_gate_steps, **kwargs)
         self.save_hyperparameters(ignore=["net"])
         self.train_example: Callable[[], dict] | None = None
-        self.ramp = {"origin": -1, "ratio": 0.0}  # t0 (-1: not yet) and the running fg ratio; in checkpoints
+        self.ramp = {"origin": -1, "dice": 0.0}  # t0 (-1: not yet) and the running teacher Dice; in checkpoints
 
-    def pseudo_weight(self, pseudo: torch.Tensor, label: torch.Tensor) -> float:
-        """w(t) of L_pseudo for pseudo labels [B_u, *S] of this step and the labeled half's labels [B_l, *S]:
-        MeanTeacher's gated ramp of t, or of t - t0 with ``ramp_start: teacher`` (0 before t0)."""
+    def pseudo_weight(self, teacher_labeled: Callable[[], torch.Tensor], label: torch.Tensor) -> float:
+        """w(t) of L_pseudo: MeanTeacher's gated ramp of t, or of t - t0 with ``ramp_start: teacher`` (0 before
+        t0). ``teacher_labeled()`` gives the teacher's hard prediction [B_l, *S] on the noisy labeled half (asked
+        only while t0 is not reached), ``label`` [B_l, *S] its labels."""
         step = self.global_step
         if self.hparams.ramp_start == "step":
             return self.consistency_weight(step)
         if self.ramp["origin"] < 0:
-            ratio = (pseudo > 0).float().mean() / (label > 0).float().mean().clamp_min(1e-6)
+            dice = foreground_dice(teacher_labeled(), label, self.hparams.num_classes)
             if self._trainer is not None and self.trainer.world_size > 1:  # one t0 on every rank
-                ratio = self.trainer.strategy.reduce(ratio, reduce_op="mean")
-            decay = self.hparams.teacher_ratio_decay
-            self.ramp["ratio"] = decay * self.ramp["ratio"] + (1 - decay) * float(ratio)
-            if self.ramp["ratio"] < self.hparams.teacher_fg_ratio:
+                dice = self.trainer.strategy.reduce(dice, reduce_op="mean")
+            decay = self.hparams.teacher_dice_decay
+            self.ramp["dice"] = decay * self.ramp["dice"] + (1 - decay) * float(dice)
+            if self.ramp["dice"] < self.hparams.teacher_dice:
                 return 0.0
             self.ramp["origin"] = step
         return self.consistency_weight(step - self.ramp["origin"])
@@ -212,7 +214,7 @@ class SGRS(MeanTeacher):
         with torch.no_grad():                                                            # 6.
             regions = synergy_regions(p_u, p_m, self.hparams.tau, self.hparams.uncertainty_rule)
         terms = self.pseudo_loss(z_u, z_m, p_u, p_m, pseudo, regions)                    # 7.
-        weight = self.pseudo_weight(pseudo, y_l)                                         # 8.
+        weight = self.pseudo_weight(lambda: self.teacher(x_l_noisy).argmax(1), y_l)     # 8.
         loss = loss_sup + weight * terms["pseudo"]
         self.log_step({"loss/sup": loss_sup, "loss/total": loss, "cons_weight": weight,                # 11.
                        **{f"loss/{k}": v for k, v in terms.items()},
@@ -220,7 +222,7 @@ class SGRS(MeanTeacher):
                           (("consistent", "C"), ("different", "D"), ("uncertain", "I"), ("c_prime", "C'"),
                            ("d_prime", "D'"))},
                        "sgrs/lambda_mean": lam.mean(), "sgrs/pseudo_fg_frac": (pseudo > 0).float().mean(),
-                       "sgrs/teacher_fg_ratio": self.ramp["ratio"], "sgrs/ramp_origin": float(self.ramp["origin"])})
+                       "sgrs/teacher_dice": self.ramp["dice"], "sgrs/ramp_origin": float(self.ramp["origin"])})
         # Drawn only when the ImageLogger asks: nothing is computed for it on the other steps.
         self.train_example = lambda: {"image": x_u[0, 0], "mixed": x_m[0, 0], "pseudo label": pseudo[0],
                                       "student on x_u": z_u[0].detach().argmax(0),
@@ -237,6 +239,19 @@ class SGRS(MeanTeacher):
         super().optimizer_step(*args, **kwargs)
         if self.hparams.ema_mode == "double":
             weight_ema_step(self.teacher, self.net, self.hparams.ema_decay, CODE_STUDENT_DECAY)
+
+
+@torch.no_grad()
+def foreground_dice(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean over the foreground classes present in ``pred`` or ``label`` (both [B, *S], pooled over the batch) of
+    2 |P_k & G_k| / (|P_k| + |G_k|); 0 when no foreground class is present in either."""
+    scores = []
+    for k in range(1, num_classes):
+        p, g = pred == k, label == k
+        total = p.sum() + g.sum()
+        if total > 0:
+            scores.append(2 * (p & g).sum() / total)
+    return torch.stack(scores).mean().float() if scores else torch.zeros(())
 
 
 def region_map(regions: dict) -> torch.Tensor:

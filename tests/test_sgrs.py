@@ -11,8 +11,8 @@ from torch import nn
 
 from experiments.cli import LemisCLI
 from lightning_modules import losses
-from lightning_modules.sgrs import (SGRS, draw_mix, masked_soft_dice, mix, region_map, regional_ce, sgrs_code_dice,
-                                    synergy_regions, uncertain, weight_ema_step)
+from lightning_modules.sgrs import (SGRS, draw_mix, foreground_dice, masked_soft_dice, mix, region_map, regional_ce,
+                                    sgrs_code_dice, synergy_regions, uncertain, weight_ema_step)
 from tests.conftest import REPO
 from tests.test_experiments import phantom_args
 
@@ -140,28 +140,39 @@ def test_rampup_values(step, weight):
 
 
 def test_ramp_starts_when_the_teacher_is_usable(monkeypatch):
-    """ramp_start: teacher. Labels half foreground; the running ratio (decay 0.5) of pseudo-label to label
-    foreground is 0 after step 0 (w = 0), 0.5 * 0 + 0.5 * 2 = 1 >= 0.5 after step 1: t0 = 1, so step 1 gets
-    w(0) = exp(-5) and step 3 gets w(2) = exp(-5 (1 - 2/4)^2) = exp(-1.25); t0 travels with checkpoints."""
+    """ramp_start: teacher, threshold 0.5, running mean with decay 0.5: the teacher's foreground Dice on the
+    labeled half is 0 at step 0 (w = 0) and 1 at step 1, so the running Dice is 0.5 * 0 + 0.5 * 1 = 0.5: t0 = 1,
+    step 1 gets w(0) = exp(-5), step 3 gets w(2) = exp(-5 (1 - 2/4)^2) = exp(-1.25) and the teacher is no longer
+    asked; t0 travels with checkpoints."""
     monkeypatch.setattr(SGRS, "global_step", property(lambda self: self.t))
-    m = module(ramp_start="teacher", teacher_fg_ratio=0.5, teacher_ratio_decay=0.5, rampup_epoch_len=1,
+    m = module(ramp_start="teacher", teacher_dice=0.5, teacher_dice_decay=0.5, rampup_epoch_len=1,
                consistency_rampup=4)
-    label = torch.tensor([[0, 1]])
-    background, foreground = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long)
+    label = torch.tensor([[0, 1, 1, 0]])
+
+    def not_asked():
+        raise AssertionError("the teacher is measured after t0")
+
     m.t = 0
-    assert m.pseudo_weight(background, label) == 0.0 and m.ramp == {"origin": -1, "ratio": 0.0}
+    assert m.pseudo_weight(lambda: torch.zeros_like(label), label) == 0.0 and m.ramp == {"origin": -1, "dice": 0.0}
     m.t = 1
-    assert m.pseudo_weight(foreground, label) == pytest.approx(math.exp(-5)) and m.ramp["origin"] == 1
+    assert m.pseudo_weight(lambda: label.clone(), label) == pytest.approx(math.exp(-5)) and m.ramp["origin"] == 1
     m.t = 3
-    assert m.pseudo_weight(background, label) == pytest.approx(math.exp(-1.25))  # started: no longer measured
+    assert m.pseudo_weight(not_asked, label) == pytest.approx(math.exp(-1.25))
     checkpoint = {}
     m.on_save_checkpoint(checkpoint)
     resumed = module(ramp_start="teacher")
     resumed.on_load_checkpoint(checkpoint)
-    assert resumed.ramp == {"origin": 1, "ratio": 1.0}
+    assert resumed.ramp == {"origin": 1, "dice": 0.5}
     published = module()
     published.t = 0
-    assert published.pseudo_weight(background, label) == published.consistency_weight(0)  # ramp_start: step
+    assert published.pseudo_weight(not_asked, label) == published.consistency_weight(0)  # ramp_start: step
+
+
+def test_foreground_dice_of_present_classes():
+    pred, label = torch.tensor([[0, 1, 1, 2]]), torch.tensor([[0, 1, 2, 2]])
+    # class 1: 2*1/(2+1); class 2: 2*1/(1+2); class 3 absent from both: skipped
+    assert foreground_dice(pred, label, 4).item() == pytest.approx(2 / 3)
+    assert foreground_dice(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long), 4).item() == 0
 
 
 def test_supervised_dice_variants():
