@@ -4,7 +4,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from datamodules.errors import LemisError
+from lemis.errors import LemisError
 
 
 class NonFiniteLoss(LemisError):

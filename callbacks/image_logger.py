@@ -8,7 +8,7 @@ import numpy as np
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image, ImageDraw
 
-from datamodules.files import atomic_path
+from lemis.files import atomic_path
 
 # RGB per class index (0 = background is transparent); enough for the 4-class cardiac and binary tasks.
 PALETTE = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 80], [60, 120, 240], [240, 200, 40]], dtype=np.float32)

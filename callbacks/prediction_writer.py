@@ -6,7 +6,7 @@ from pathlib import Path
 import h5py
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from datamodules.files import atomic_path
+from lemis.files import atomic_path
 
 
 class PredictionWriter(BasePredictionWriter):

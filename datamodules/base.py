@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.errors import ConfigError, DataError
+from lemis.errors import ConfigError, DataError
 
 SPLIT_RULES = ("first", "random")
 STREAMS = ("labeled", "unlabeled")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from datamodules.base import SegmentationDataModule, read_list
-from datamodules.errors import ConfigError
+from lemis.errors import ConfigError
 from datamodules.transforms import la_train_transform
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from datamodules.files import atomic_path
+from lemis.files import atomic_path
 from datamodules.prepare import minmax, write_h5, write_list
 
 LA_FOLDER = "2018LA_Seg_Training Set"

@@ -28,16 +28,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from datamodules.files import atomic_path
+from lemis.errors import PrepareError
+from lemis.files import atomic_path
 
 ACDC_CLASSES = (0, 1, 2, 3)
 ACDC_INFO_KEYS = {"ED": int, "ES": int, "Group": str, "Height": float, "Weight": float}
 _FRAME_RE = re.compile(r"^(patient\d+)_frame(\d+)\.nii(?:\.gz)?$")
 _GZIP_LEVEL = 4
-
-
-class PrepareError(Exception):
-    """Bad input for a conversion; the message is one sentence naming the offending path."""
 
 
 # ---------------------------------------------------------------- atomic writers (shared with phantoms.py)

@@ -14,7 +14,7 @@ import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
-from datamodules.errors import LemisError
+from lemis.errors import LemisError
 from experiments.cli import Interrupted, LemisCLI, config_error_sentence
 from experiments.host_memory import keep_freed_memory
 

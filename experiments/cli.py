@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core import rank_zero as lightning_rank_zero
 
 from callbacks.checkpoint import last_checkpoints, newest
-from datamodules.errors import ConfigError, LemisError
+from lemis.errors import ConfigError, LemisError
 from experiments import run_directory
 
 # Keys a resumed run may change without changing what it computes: where it logs, how it shows progress, how

@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from datamodules.errors import ConfigError
-from datamodules.files import atomic_path
+from lemis.errors import ConfigError
+from lemis.files import atomic_path
 from lightning_modules.metrics import summarize
 
 SPEC_KEYS = {"name", "out", "seeds", "budgets", "baseline", "stage", "common", "methods"}

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from callbacks.image_logger import middle_slices, panel, save_png
-from datamodules.errors import LemisError
+from lemis.errors import LemisError
 from datamodules.phantoms import ensure_phantoms
 from experiments.cli import LemisCLI
 

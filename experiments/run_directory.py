@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from datamodules.errors import ConfigError
+from lemis.errors import ConfigError
 
 VERSION = re.compile(r"^version_(\d+)$")
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from callbacks.ema_teacher import EMATeacher
-from datamodules.errors import ConfigError
+from lemis.errors import ConfigError
 from lightning_modules import losses
 from lightning_modules.segmentation import SegmentationModule
 

@@ -26,7 +26,7 @@ import os
 import numpy as np
 from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
 
-from datamodules.files import atomic_path
+from lemis.files import atomic_path
 
 METRIC_NAMES = ("dice", "jaccard", "hd95", "asd", "assd", "hd95_mm", "asd_mm", "assd_mm")
 EMPTY_CONVENTIONS = ("lemis", "legacy_zero")

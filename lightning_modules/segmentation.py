@@ -14,7 +14,7 @@ import torch.distributed as dist
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from datamodules.errors import ConfigError
+from lemis.errors import ConfigError
 from datamodules.transforms import zoom_nearest_torch
 from lightning_modules import losses
 from lightning_modules.metrics import case_metrics, summarize, write_rows_csv

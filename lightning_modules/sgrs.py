@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from datamodules.errors import ConfigError
+from lemis.errors import ConfigError
 from lightning_modules.losses import ema_alpha
 from lightning_modules.mean_teacher import MeanTeacher
 

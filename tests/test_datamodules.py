@@ -8,7 +8,7 @@ import torch
 
 from datamodules.acdc import ACDCDataModule
 from datamodules.base import select_labeled
-from datamodules.errors import ConfigError, DataError
+from lemis.errors import ConfigError, DataError
 from datamodules.la import LADataModule
 from tests.conftest import real
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from datamodules.base import budget_count
-from datamodules.errors import ConfigError
+from lemis.errors import ConfigError
 from experiments.__main__ import main
 from experiments.cli import LemisCLI
 from tests.conftest import REPO

@@ -9,5 +9,9 @@ class DataError(LemisError):
     """A data root, list file or h5 file is missing, unreadable, or holds unexpected content."""
 
 
+class PrepareError(LemisError):
+    """Bad input for a conversion of an official release into a layout (``python -m datamodules.prepare``)."""
+
+
 class ConfigError(LemisError):
     """An option has an impossible value (budget, batch split, schedule, method needs)."""
