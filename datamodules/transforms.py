@@ -9,6 +9,8 @@ so those two operations are reproduced here exactly.
 """
 from __future__ import annotations
 
+from functools import reduce
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -23,30 +25,42 @@ def _rand() -> float:
     return float(torch.rand(()).item())
 
 
-def zoom_nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source index of every output index of ``scipy.ndimage.zoom(order=0)`` along one axis.
+def zoom_nearest_indices(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source index of every output index of ``scipy.ndimage.zoom(order=0)`` along one axis, and whether scipy
+    takes it (False: scipy writes its fill value 0 there).
 
-    scipy maps output o to input o * (in - 1) / (out - 1) and rounds half up (checked in tests/test_transforms).
+    scipy maps output o to input c = o * ((in - 1) / (out - 1)), rounds half up, and treats c > in - 1 as outside
+    the image (mode ``constant``): float rounding puts the last output just past the edge for some sizes
+    (128 -> 154 and 128 -> 232, two ACDC slice sizes), so SSL4MIS's zoomed-back predictions have a background
+    last row or column there. tests/test_transforms.py checks equality with scipy over a grid of sizes.
     """
     if out_size == 1 or in_size == 1:
-        return np.zeros(out_size, dtype=np.int64)
-    coord = np.arange(out_size) * (in_size - 1) / (out_size - 1)
-    return np.floor(coord + 0.5).astype(np.int64)
+        return np.zeros(out_size, dtype=np.int64), np.ones(out_size, dtype=bool)
+    coord = np.arange(out_size) * ((in_size - 1) / (out_size - 1))
+    return np.minimum(np.floor(coord + 0.5), in_size - 1).astype(np.int64), coord <= in_size - 1
 
 
 def zoom_nearest(array: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
-    """Order-0 zoom of the last len(size) axes of ``array`` to ``size`` (same result as scipy's zoom)."""
+    """Order-0 zoom of the last len(size) axes of ``array`` to ``size`` (the result of scipy's zoom)."""
     lead = array.ndim - len(size)
-    grids = np.ix_(*[zoom_nearest_indices(n, m) for n, m in zip(array.shape[lead:], size)])
-    return array[(Ellipsis, *grids)]
+    axes = [zoom_nearest_indices(n, m) for n, m in zip(array.shape[lead:], size)]
+    out = array[(Ellipsis, *np.ix_(*[index for index, _ in axes]))]  # fancy indexing: a copy
+    if not all(keep.all() for _, keep in axes):
+        inside = reduce(np.logical_and, np.meshgrid(*[keep for _, keep in axes], indexing="ij", sparse=True))
+        out[..., ~inside] = 0
+    return out
 
 
 def zoom_nearest_torch(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Order-0 zoom of the last len(size) dims of a tensor (device-agnostic twin of ``zoom_nearest``)."""
     for axis, (n, m) in enumerate(zip(x.shape[-len(size):], size), start=x.ndim - len(size)):
         if n != m:
-            index = torch.from_numpy(zoom_nearest_indices(n, m)).to(x.device)
-            x = x.index_select(axis, index)
+            index, keep = zoom_nearest_indices(n, m)
+            x = x.index_select(axis, torch.from_numpy(index).to(x.device))
+            if not keep.all():
+                shape = [1] * x.ndim
+                shape[axis] = m
+                x = x * torch.from_numpy(keep).to(x.device, x.dtype).view(shape)
     return x
 
 
