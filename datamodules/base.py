@@ -297,6 +297,11 @@ class SegmentationDataModule(L.LightningDataModule):
     def two_streams(self) -> bool:
         return self.labeled_batch_size is not None and self.labeled_batch_size != self.batch_size
 
+    @property
+    def stream_names(self) -> tuple[str, ...]:
+        """The training batch's streams (contracts.DeclaresStreams)."""
+        return STREAMS if self.two_streams else STREAMS[:1]
+
     def _check_streams(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"data.init_args.batch_size must be >= 1, got {self.batch_size}.")

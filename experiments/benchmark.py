@@ -33,7 +33,7 @@ from lightning_modules import losses
 from lightning_modules.mean_teacher import MeanTeacher
 from lightning_modules.nets.unet2d import UNet2D
 from lightning_modules.nets.vnet import VNet
-from lightning_modules.segmentation import lr_factor
+from lightning_modules.schedules import Poly
 from lightning_modules.sgrs import SGRS, draw_mix, masked_soft_dice, mix, regional_ce, synergy_regions
 from lightning_modules.supervised import Supervised
 
@@ -47,7 +47,6 @@ SHAPES = {
 }
 METHODS = ("supervised", "mean_teacher", "sgrs")
 TEACHER_METHODS = ("mean_teacher", "sgrs")
-MAX_STEPS = 30000
 
 
 def fixed_batch(method: str, classes: int, shape, n_lab: int, n_unl: int, device) -> dict:
@@ -167,7 +166,7 @@ def reference_block(method: str, net, batch, warmup: int, steps: int, dice_bg: b
     teacher = copy.deepcopy(net).requires_grad_(False) if method in TEACHER_METHODS else None
     step_loss = {"mean_teacher": mean_teacher_loss, "sgrs": sgrs_loss}.get(method)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(t, "poly", MAX_STEPS))
+    scheduler = Poly(optimizer, total_steps=warmup + steps)  # the module's default, over the Trainer's max_steps
     for step in range(warmup + steps):
         if step == warmup:
             _sync()

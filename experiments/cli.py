@@ -134,9 +134,8 @@ class _DropLightningInterruptLine(logging.Filter):
 class LemisCLI(LightningCLI):
     """LightningCLI with omegaconf interpolation; model and data are chosen by ``class_path``.
 
-    The model's inference ROI is linked to the data's training patch (``data.init_args.patch_size`` ->
-    ``model.init_args.roi_size``): a YAML interpolation would be resolved before command-line overrides and
-    leave the two apart when a run overrides the patch.
+    An unset ``model.init_args.roi_size`` is the data's training patch, resolved by the module at setup (and said
+    once): a given ROI wins, and a YAML interpolation, resolved before command-line overrides, is not needed.
     """
 
     def __init__(self, args=None, run: bool = True):
@@ -156,9 +155,6 @@ class LemisCLI(LightningCLI):
             args=args,
             run=run,
         )
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.init_args.patch_size", "model.init_args.roi_size")
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)

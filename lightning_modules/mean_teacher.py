@@ -36,8 +36,12 @@ class MeanTeacher(SegmentationModule):
             raise ConfigError(f"model.init_args.teacher_mode must be one of {TEACHER_MODES}, got {teacher_mode!r}.")
         if rampup_epoch_len < 1:
             raise ConfigError(f"model.init_args.rampup_epoch_len must be >= 1, got {rampup_epoch_len}.")
-        self.save_hyperparameters(ignore=["net"])
-        self.teacher: nn.Module | None = None
+        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
+        self.teacher: nn.Module | None = None  # the contracts.TeacherMethod slot, written by callbacks only
+
+    @property
+    def ema_decay(self) -> float:
+        return self.hparams.ema_decay
 
     def check_setup(self, trainer, datamodule, stage: str) -> None:
         super().check_setup(trainer, datamodule, stage)
@@ -46,7 +50,7 @@ class MeanTeacher(SegmentationModule):
         if not any(isinstance(callback, EMATeacher) for callback in trainer.callbacks):
             raise ConfigError(f"{type(self).__name__} needs the callbacks.ema_teacher.EMATeacher callback in "
                               f"trainer.callbacks.")
-        if not getattr(datamodule, "two_streams", True):
+        if "unlabeled" not in getattr(datamodule, "stream_names", ("unlabeled",)):
             raise ConfigError(f"{type(self).__name__} needs an unlabeled stream: set "
                               f"data.init_args.labeled_batch_size below data.init_args.batch_size.")
 
@@ -69,10 +73,10 @@ class MeanTeacher(SegmentationModule):
         """batch: {"labeled": {image [B_l, C, *S], label [B_l, *S]}, "unlabeled": {image [B_u, C, *S]}}."""
         lab, unl = batch["labeled"], batch["unlabeled"]
         n_lab = lab["image"].shape[0]
-        logits = self.net(torch.cat([lab["image"], unl["image"]]))           # 1. one pass, both halves
+        logits = self.logits(self.net(torch.cat([lab["image"], unl["image"]])))  # 1. one pass, both halves
         with torch.no_grad():                                                 # 2. teacher on noisy x_u
             self.teacher.train(self.hparams.teacher_mode == "train")
-            teacher_probs = torch.softmax(self.teacher(self.teacher_input(unl["image"])), dim=1)
+            teacher_probs = torch.softmax(self.logits(self.teacher(self.teacher_input(unl["image"]))), dim=1)
         loss_sup = self.supervised_loss(logits[:n_lab], lab["label"])         # 3.
         student_probs = torch.softmax(logits[n_lab:], dim=1)
         loss_cons = losses.softmax_mse(student_probs, teacher_probs)          # 4.

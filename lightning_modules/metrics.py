@@ -160,18 +160,24 @@ def case_metrics(
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Means over cases per class, then over classes.
+    """Means of every numeric column over cases per class, then over classes (rows without ``class``: over
+    cases), as ``<column>/<class>`` and ``<column>/mean``; ``empty`` is summed into ``n_empty``, distinct cases
+    counted in ``n_cases``; ``step`` is not averaged.
 
-    Returns {"<metric>/<class>": float, "<metric>/mean": float, "n_empty": int, "n_cases": int}. NaN (an absent
-    mm column) propagates into the means, so a NaN mean says the column is absent.
+    NaN (an absent mm column) propagates into the means, so a NaN mean says the column is absent.
     """
-    classes = list(dict.fromkeys(row["class"] for row in rows))
+    classes = list(dict.fromkeys(row.get("class") for row in rows))
+    skip = {"case", "class", "empty", "step"}
+    columns = [k for k in dict.fromkeys(k for row in rows for k in row)
+               if k not in skip and all(isinstance(row.get(k), (int, float, np.number)) and
+                                        not isinstance(row.get(k), bool) for row in rows)]
     summary: dict = {}
-    for metric in METRIC_NAMES:
-        per_class = [float(np.mean([r[metric] for r in rows if r["class"] == cls])) for cls in classes]
-        summary.update({f"{metric}/{cls}": value for cls, value in zip(classes, per_class)})
-        summary[f"{metric}/mean"] = float(np.mean(per_class)) if per_class else float("nan")
-    summary["n_empty"] = int(sum(int(r["empty"]) for r in rows))
+    for column in columns:
+        per_class = [float(np.mean([r[column] for r in rows if r.get("class") == cls])) for cls in classes]
+        if classes != [None]:
+            summary.update({f"{column}/{cls}": value for cls, value in zip(classes, per_class)})
+        summary[f"{column}/mean"] = float(np.mean(per_class)) if per_class else float("nan")
+    summary["n_empty"] = int(sum(int(r.get("empty", 0)) for r in rows))
     summary["n_cases"] = len({r["case"] for r in rows})
     return summary
 

@@ -1,42 +1,38 @@
 """SegmentationModule: the network, the supervised loss, the optimizer/LR schedule and whole-case evaluation.
 
-Every method subclasses this and overrides `training_step` only; inference and metrics exist once, here.
+Every method subclasses this and overrides ``training_step``; inference and metrics exist once, here. Its seams
+(each one overridable method or one option): the optimizer and scheduler are injected (``param_groups`` says what
+they optimise), ``logits`` maps a tuple/dict net output to the evaluated logits, ``label_map`` post-processes,
+``score_case`` scores, ``INFER_MODES`` lists ``_predict_<mode>`` methods, ``init_weights`` loads a file into the
+net before any callback copies it. What callbacks read from a module is declared in ``lightning_modules.contracts``.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from lemis.errors import ConfigError
 from datamodules.transforms import zoom_nearest_torch
+from lemis.errors import ConfigError
 from lightning_modules import losses
 from lightning_modules.metrics import case_metrics, summarize, write_rows_csv
+from lightning_modules.schedules import Poly
 
-LR_SCHEDULES = ("poly", "linear", "constant", "step")
-INFER_MODES = ("slices", "sliding_window")
-
-
-def lr_factor(step: int, schedule: str, max_steps: int, power: float = 0.9, step_size: int = 2500,
-              gamma: float = 0.1) -> float:
-    """Multiplier of the base LR for optimizer step ``step`` (0-based: the number of steps already done).
-
-    poly (SSL4MIS): the LR used at step t+1 is set after step t to (1 - t/max_steps)^0.9, so steps 0 and 1
-    both use the base LR. linear: the same with power 1. step (UA-MT): gamma^(t // step_size), i.e. steps
-    0..2499 use lr, 2500..4999 use 0.1 lr, ... constant: 1.
-    """
-    if schedule in ("poly", "linear"):
-        done = max(step - 1, 0)
-        return max(1.0 - done / max_steps, 0.0) ** (power if schedule == "poly" else 1.0)
-    if schedule == "step":
-        return gamma ** (step // step_size)
-    return 1.0
+INFER_MODES = ("slices", "sliding_window")  # SegmentationModule._predict_<mode>; a method adds its own
+POSTPROCESS = ("argmax", "threshold")
+LR_INTERVALS = ("step", "epoch")
 
 
 def overlap_for_stride(roi_size: tuple[int, ...], stride: tuple[int, ...]) -> list[float]:
@@ -48,65 +44,137 @@ def overlap_for_stride(roi_size: tuple[int, ...], stride: tuple[int, ...]) -> li
     return [max(1.0 - (s + 0.5) / r, 0.0) for r, s in zip(roi_size, stride)]
 
 
-def check_optimizer_options(**values: float) -> None:
-    """SGD and schedule options with a value no run can use (``lr=-1``, ``momentum=1.5``): one sentence each."""
-    valid = {"lr": (lambda v: v > 0, "> 0"), "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-             "weight_decay": (lambda v: v >= 0, ">= 0"), "poly_power": (lambda v: v > 0, "> 0"),
-             "lr_step_size": (lambda v: v >= 1, ">= 1"), "lr_gamma": (lambda v: 0 < v <= 1, "in (0, 1]")}
-    for name, value in values.items():
-        ok, rule = valid[name]
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
-            raise ConfigError(f"model.init_args.{name} must be {rule}, got {value!r}.")
+def published_sgd(params) -> torch.optim.Optimizer:
+    """Both published codes' optimizer: SGD, lr 0.01, momentum 0.9, weight decay 1e-4."""
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+
+@dataclass
+class WeightsFile:
+    """Weights loaded into the net when the module is built, before any callback copies it (a teacher).
+
+    path: a state dict or a Lightning checkpoint (its ``state_dict``); prefix: keep the keys that start with it,
+    stripped (``net.`` takes a lemis checkpoint's student); strict: every key must match; sha256: the file's
+    digest, checked when given."""
+
+    path: str
+    prefix: str = ""
+    strict: bool = True
+    sha256: str | None = None
+
+
+def load_weights(net: nn.Module, spec: WeightsFile, option: str = "model.init_args.init_weights") -> None:
+    """``spec`` into ``net``; one sentence naming the file for a missing or damaged file, a digest or key mismatch."""
+    path = Path(spec.path)
+    if not path.is_file():
+        raise ConfigError(f"weights file {path} not found ({option}.path).")
+    if spec.sha256:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != spec.sha256.lower():
+            raise ConfigError(f"weights file {path} has sha256 {digest}, {option}.sha256 says {spec.sha256}.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for damaged or foreign files
+        raise ConfigError(f"cannot read weights file {path} ({type(err).__name__}).") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ConfigError(f"weights file {path} holds no state dict ({option}).")
+    if spec.prefix:
+        state = {k[len(spec.prefix):]: v for k, v in state.items() if k.startswith(spec.prefix)}
+        if not state:
+            raise ConfigError(f"weights file {path} has no key starting with {spec.prefix!r} ({option}.prefix).")
+    try:
+        net.load_state_dict(state, strict=spec.strict)
+    except RuntimeError as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+        raise ConfigError(f"weights file {path} does not fit the net (model.init_args.net): {detail}") from None
+
+
+def wants_total_steps(factory) -> bool:
+    """Whether a scheduler factory (a class, or jsonargparse's partial of one) takes ``total_steps`` and the
+    config left it unset."""
+    target = factory
+    if isinstance(factory, partial):  # jsonargparse's: partial(helper, instantiator, SchedulerClass, **init_args)
+        if "total_steps" in factory.keywords:
+            return factory.keywords["total_steps"] is None
+        target = next((a for a in factory.args if isinstance(a, type)), factory.func)
+    try:
+        return "total_steps" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class SegmentationModule(L.LightningModule):
     """Supervised segmentation; the labeled-only baseline as is.
 
     Args:
-        net: any ``nn.Module`` mapping [B, C, *S] -> logits [B, K, *S] (by ``class_path``: lemis nets, MONAI nets).
+        net: any ``nn.Module`` mapping [B, C, *S] to logits [B, K, *S], or to a tuple/dict that ``logits`` maps
+            to them (by ``class_path``: lemis nets, MONAI nets).
         num_classes: K, background included.
-        lr, momentum, weight_decay: SGD (both published codes: 0.01, 0.9, 1e-4).
-        lr_schedule: poly | linear | constant | step, by optimizer step; ``lr_step_size``/``lr_gamma`` for step.
+        optimizer: a callable params -> optimizer (a YAML's ``class_path: torch.optim.SGD`` with ``init_args``);
+            unset: SGD 0.01 / 0.9 / 1e-4 (``published_sgd``). It optimises ``param_groups()``.
+        lr_scheduler: a callable optimizer -> scheduler (``lightning_modules.schedules``: Poly, StepDecay,
+            Constant, WarmupCosine, or any torch scheduler); its ``total_steps`` comes from the trainer when
+            unset; unset: ``Poly(power=0.9)``. lr_interval: the scheduler steps every optimizer ``step`` or
+            every ``epoch``.
+        init_weights: a ``WeightsFile`` loaded into the net now (pre-trained encoders, a previous stage).
         dice_include_background: SSL4MIS Dice over all classes (True) or UA-MT's foreground-only Dice (False).
         infer_mode: ``slices`` (2D nets: every slice along the first spatial axis resized to ``roi_size``,
             predicted, resized back with nearest neighbour) or ``sliding_window`` (3D nets: MONAI sliding window
             of ``roi_size`` with stride ``sw_stride``, softmax averaged over overlaps).
+        roi_size: inference window; unset: the data's training patch (``data.init_args.patch_size``).
+        postprocess: ``argmax`` of the class probabilities, or ``threshold``: the most likely foreground class
+            where its probability exceeds ``threshold``, background elsewhere.
         empty_convention: ``lemis`` (datasets.md) or ``legacy_zero`` (published scripts).
     """
+
+    INFER_MODES = INFER_MODES
 
     def __init__(
         self,
         net: nn.Module,
         num_classes: int,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
-        lr_schedule: str = "poly",
-        poly_power: float = 0.9,
-        lr_step_size: int = 2500,
-        lr_gamma: float = 0.1,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_interval: str = "step",
+        init_weights: WeightsFile | None = None,
         dice_include_background: bool = True,
         infer_mode: str = "slices",
-        roi_size: tuple[int, ...] = (256, 256),
+        roi_size: tuple[int, ...] | None = None,
         sw_stride: tuple[int, ...] | None = None,
         sw_batch_size: int = 4,
+        postprocess: str = "argmax",
+        threshold: float = 0.5,
         empty_convention: str = "lemis",
     ):
         super().__init__()
-        if lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"model.init_args.lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
-        if infer_mode not in INFER_MODES:
-            raise ConfigError(f"model.init_args.infer_mode must be one of {INFER_MODES}, got {infer_mode!r}.")
-        check_optimizer_options(lr=lr, momentum=momentum, weight_decay=weight_decay, poly_power=poly_power,
-                                lr_step_size=lr_step_size, lr_gamma=lr_gamma)
-        self.save_hyperparameters(ignore=["net"])
+        for name, value, allowed in (("infer_mode", infer_mode, self.INFER_MODES), ("postprocess", postprocess,
+                                      POSTPROCESS), ("lr_interval", lr_interval, LR_INTERVALS)):
+            if value not in allowed:
+                raise ConfigError(f"model.init_args.{name} must be one of {allowed}, got {value!r}.")
+        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
+        if init_weights is not None:
+            load_weights(net, init_weights)
         self.net = net
-        self.roi_size = tuple(roi_size)
-        self.sw_stride = tuple(sw_stride) if sw_stride else tuple(max(r // 2, 1) for r in self.roi_size)
+        self.optimizer_factory = optimizer or published_sgd
+        self.scheduler_factory = lr_scheduler or partial(Poly, power=0.9)
+        self.roi_size = tuple(roi_size) if roi_size else None
+        self.sw_stride = tuple(sw_stride) if sw_stride else None
         self._rows: list[dict] = []
         self.example: dict | None = None
+        self.last_summary: dict = {}
 
     # ---- training -------------------------------------------------------------------------------------------
+    def logits(self, output) -> torch.Tensor:
+        """The logits [B, K, *S] that are trained by the supervised loss and evaluated, from the net's output: the
+        tensor itself, ``output["logits"]`` of a dict, ``output[0]`` of a tuple. A method whose net has several
+        heads overrides this (its own loss reads the other entries)."""
+        if isinstance(output, torch.Tensor):
+            return output
+        if isinstance(output, dict):
+            return output["logits"]
+        return output[0]
+
     def supervised_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """0.5 * (CE + Dice) of logits [B, K, *S] and label [B, *S]."""
         return losses.supervised_loss(logits, label, self.hparams.dice_include_background)
@@ -114,7 +182,7 @@ class SegmentationModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Labeled-only step: batch is a plain stream {image [B, C, *S], label [B, *S], case}."""
         batch = batch.get("labeled", batch)
-        loss = self.supervised_loss(self.net(batch["image"]), batch["label"])
+        loss = self.supervised_loss(self.logits(self.net(batch["image"])), batch["label"])
         self.log_step({"loss/sup": loss})
         return loss
 
@@ -136,15 +204,27 @@ class SegmentationModule(L.LightningModule):
         lrs = {"lr" if i == 0 else f"lr/{i}": opt.param_groups[0]["lr"] for i, opt in enumerate(trainer.optimizers)}
         self.log_dict({**metrics, **lrs, "step": float(self.global_step + 1)})
 
+    def param_groups(self):
+        """What the optimizer optimises: the net's parameters; a method with two nets or two learning rates
+        returns its own groups (``[{"params": ..., "lr": ...}, ...]``)."""
+        return self.net.parameters()
+
+    def schedule_length(self, trainer) -> int | None:
+        """Scheduler steps in the run: ``trainer.max_steps`` by step, ``trainer.max_epochs`` by epoch."""
+        total = trainer.max_steps if self.hparams.lr_interval == "step" else trainer.max_epochs
+        return total if total and total > 0 else None
+
+    def build_optimizer(self, total: int | None):
+        """(optimizer, scheduler) from the injected factories; the scheduler gets ``total_steps`` when it takes
+        one and the config leaves it unset."""
+        optimizer = self.optimizer_factory(self.param_groups())
+        kwargs = {"total_steps": total} if wants_total_steps(self.scheduler_factory) else {}
+        return optimizer, self.scheduler_factory(optimizer, **kwargs)
+
     def configure_optimizers(self):
-        hp = self.hparams
-        max_steps = self.trainer.max_steps
-        optimizer = torch.optim.SGD(self.net.parameters(), lr=hp.lr, momentum=hp.momentum,
-                                    weight_decay=hp.weight_decay)
-        factor = partial(lr_factor, schedule=hp.lr_schedule, max_steps=max_steps, power=hp.poly_power,
-                         step_size=hp.lr_step_size, gamma=hp.lr_gamma)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        optimizer, scheduler = self.build_optimizer(self.schedule_length(self.trainer))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.lr_interval}}
 
     # ---- checks before a run writes anything ----------------------------------------------------------------
     @torch.no_grad()
@@ -153,9 +233,12 @@ class SegmentationModule(L.LightningModule):
         before the run directory exists: the schedule has a length, the model, its net and the data agree on K,
         and the net takes the data's images (one forward of zeros shaped like one ROI of the stage's first image,
         in eval mode, so no statistics or random state change)."""
-        hp = self.hparams
-        if stage == "fit" and hp.lr_schedule in ("poly", "linear") and trainer.max_steps <= 0:
-            raise ConfigError(f"model.init_args.lr_schedule={hp.lr_schedule} needs trainer.max_steps > 0.")
+        if stage == "fit":
+            try:  # built once on the side: a bad value fails here, not after the run directory exists
+                self.build_optimizer(self.schedule_length(trainer))
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"model.init_args.optimizer / lr_scheduler: {err}.") from None
+        self.resolve_roi(datamodule)
         k, data_k = self.hparams.num_classes, getattr(datamodule, "num_classes", self.hparams.num_classes)
         if data_k != k:
             raise ConfigError(f"model.init_args.num_classes={k} but data.init_args.num_classes={data_k}: both count "
@@ -165,7 +248,7 @@ class SegmentationModule(L.LightningModule):
         training = self.net.training
         self.net.eval()
         try:
-            out = self.net(x)
+            out = self.logits(self.net(x))
         except RuntimeError as err:
             first = str(err).splitlines()[0]
             raise ConfigError(f"the net (model.init_args.net) cannot take this data's images {tuple(x.shape)}: "
@@ -177,15 +260,45 @@ class SegmentationModule(L.LightningModule):
                               f"model.init_args.num_classes={k}: set the net's number of output classes to {k}.")
 
     # ---- whole-case inference -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self.resolve_roi(getattr(self.trainer, "datamodule", None), required=False)  # loaders without data: later
+
+    def resolve_roi(self, datamodule, required: bool = True) -> None:
+        """An unset ``roi_size`` is the data's training patch (said once); an unset stride half of it."""
+        if self.roi_size is None:
+            patch = getattr(datamodule, "patch_size", None)
+            if patch is None and not required:
+                return
+            if patch is None:
+                raise ConfigError("model.init_args.roi_size is unset and the data has no patch_size: set "
+                                  "model.init_args.roi_size.")
+            self.roi_size = tuple(patch)
+            rank_zero_info(f"lemis: inference ROI {self.roi_size} = data.init_args.patch_size "
+                           f"(model.init_args.roi_size unset).")
+        if self.sw_stride is None:
+            self.sw_stride = tuple(max(r // 2, 1) for r in self.roi_size)
+
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """softmax(net(x)) over classes, [B, K, *S]."""
-        return torch.softmax(self.net(x), dim=1)
+        """softmax over classes of the net's logits, [B, K, *S]."""
+        return torch.softmax(self.logits(self.net(x)), dim=1)
+
+    def label_map(self, probs: torch.Tensor) -> torch.Tensor:
+        """[B, K, *S] probabilities -> [B, *S] labels by ``postprocess``."""
+        if self.hparams.postprocess == "argmax":
+            return probs.argmax(1)
+        best, label = probs[:, 1:].max(1)
+        return torch.where(best > self.hparams.threshold, label + 1, torch.zeros_like(label))
 
     @torch.no_grad()
     def predict_case(self, image: torch.Tensor) -> torch.Tensor:
-        """Class probabilities of one whole case. image [1, C, *S] -> [1, K, *S]."""
-        if self.hparams.infer_mode == "slices":
-            return self._predict_slices(image)
+        """Class probabilities of one whole case by ``infer_mode``. image [1, C, *S] -> [1, K, *S]."""
+        if self.roi_size is None:
+            self.resolve_roi(getattr(self._trainer, "datamodule", None) if self._trainer else None)
+        return getattr(self, f"_predict_{self.hparams.infer_mode}")(image)
+
+    def _predict_sliding_window(self, image: torch.Tensor) -> torch.Tensor:
+        """[1, C, *S] -> [1, K, *S]: MONAI sliding window of ``roi_size`` at stride ``sw_stride``, softmax
+        averaged where windows overlap."""
         overlap = overlap_for_stride(self.roi_size, self.sw_stride)
         return sliding_window_inference(image, self.roi_size, self.hparams.sw_batch_size, self.probabilities,
                                         overlap=overlap, mode="constant")
@@ -205,15 +318,22 @@ class SegmentationModule(L.LightningModule):
 
     # ---- evaluation: per-case rows, gathered across ranks ---------------------------------------------------
     def _evaluate_case(self, case: dict, batch_idx: int) -> None:
-        pred = self.predict_case(case["image"]).argmax(1)[0].cpu().numpy()
+        pred = self.label_map(self.predict_case(case["image"]))[0].cpu().numpy()
         gt = case["label"][0].cpu().numpy()
         if batch_idx == 0:  # kept for callbacks (ImageLogger) so they need not predict again
             self.example = {"case": case["case"][0], "image": case["image"][0, 0].cpu().numpy(), "label": gt,
                             "prediction": pred}
+        self._rows += self.score_case(pred, gt, case)
+
+    def score_case(self, pred: np.ndarray, gt: np.ndarray, case: dict) -> list[dict]:
+        """Rows of one evaluated case (label maps [*S]; ``case`` the evaluation batch): one per foreground class
+        with Dice, Jaccard, HD95, ASD, ASSD in voxels and mm. A method scoring otherwise (per image, per case
+        class) returns its own rows: ``case`` and numeric columns, plus ``class`` when there are several rows a
+        case; ``summarize`` averages every numeric column."""
         spacing = case.get("spacing", [None])[0]
         spacing = None if spacing is None else tuple(float(s) for s in spacing)
-        self._rows += case_metrics(pred, gt, self.hparams.num_classes, case["case"][0], spacing,
-                                   self._class_names(), self.hparams.empty_convention)
+        return case_metrics(pred, gt, self.hparams.num_classes, case["case"][0], spacing, self._class_names(),
+                            self.hparams.empty_convention)
 
     def _class_names(self):
         dm = getattr(self.trainer, "datamodule", None)
@@ -226,8 +346,8 @@ class SegmentationModule(L.LightningModule):
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, rows)
             rows = [r for part in gathered for r in part]
-        unique = {(r["case"], r["class"]): r for r in rows}
-        return sorted(unique.values(), key=lambda r: (r["case"], r["class"]))
+        unique = {(r["case"], str(r.get("class", ""))): r for r in rows}
+        return [unique[key] for key in sorted(unique)]
 
     def _finish_evaluation(self, stage: str) -> None:
         rows, self._rows = self._gather_rows(), []
@@ -258,5 +378,5 @@ class SegmentationModule(L.LightningModule):
 
     def predict_step(self, case: dict, batch_idx: int) -> dict:
         """Label map of one case: {"case": id, "prediction": [*S] uint8 on CPU}."""
-        pred = self.predict_case(case["image"]).argmax(1)[0].to(torch.uint8).cpu()
+        pred = self.label_map(self.predict_case(case["image"]))[0].to(torch.uint8).cpu()
         return {"case": case["case"][0], "prediction": pred}

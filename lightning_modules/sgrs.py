@@ -14,15 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from lemis.errors import ConfigError
-from lightning_modules.losses import ema_alpha
 from lightning_modules.mean_teacher import MeanTeacher
 
 UNCERTAINTY_RULES = ("maxprob", "entropy")
 CE_MASKS = ("c_prime", "c")
-EMA_MODES = ("single", "double")
 SUP_DICE = ("ssl4mis", "sgrs_code")
 RAMP_STARTS = ("step", "teacher")
-CODE_STUDENT_DECAY = 0.02 * 0.01  # WeightEMA's extra decay of the student, hard-coded in the authors' code
 
 
 # ---- Mix Augmentation (sec. 3) ----------------------------------------------------------------------------------
@@ -121,7 +118,8 @@ class SGRS(MeanTeacher):
         mix_alpha: Beta(alpha, alpha) of the Mix Augmentation (0.75).
         consistent_ce_mask: ``c_prime`` (default, inferred paper) or ``c`` (code: uncertain-but-agreeing voxels
             still get hard CE).
-        ema_mode: ``single`` (default, Mean Teacher EMA) or ``double`` (code: WeightEMA then EMA, sec. 7).
+        (The teacher update of sec. 7 is the EMATeacher callback's: ``mode: single``, the default, or ``double``,
+        the code's WeightEMA then EMA.)
         sup_dice: ``ssl4mis`` (default, factor 2) or ``sgrs_code`` (the code's DiceLoss).
         ce_mask_broadcast_bug: reproduce the code's D' broadcast in the CE term (default False).
         ramp_start: ``step`` (published: the ramp counts from step 0) or ``teacher``: the weight is 0 until the
@@ -136,12 +134,12 @@ class SGRS(MeanTeacher):
     def __init__(self, consistency: float = 1.0, consistency_rampup: float = 40.0, consistency_gate_steps: int = 0,
                  tau: float = 0.425, uncertainty_rule: str = "maxprob", ce_smoothing: float = 0.2,
                  dice_smooth_consistent: float = 1.0, dice_smooth_different: float = 20.0, mix_alpha: float = 0.75,
-                 consistent_ce_mask: str = "c_prime", ema_mode: str = "single", sup_dice: str = "ssl4mis",
+                 consistent_ce_mask: str = "c_prime", sup_dice: str = "ssl4mis",
                  ce_mask_broadcast_bug: bool = False, ramp_start: str = "step", teacher_dice: float = 0.5,
                  teacher_dice_decay: float = 0.9, **kwargs):
         for name, value, allowed in (("uncertainty_rule", uncertainty_rule, UNCERTAINTY_RULES),
                                      ("consistent_ce_mask", consistent_ce_mask, CE_MASKS),
-                                     ("ema_mode", ema_mode, EMA_MODES), ("sup_dice", sup_dice, SUP_DICE),
+                                     ("sup_dice", sup_dice, SUP_DICE),
                                      ("ramp_start", ramp_start, RAMP_STARTS)):
             if value not in allowed:
                 raise ConfigError(f"model.init_args.{name} must be one of {allowed}, got {value!r}.")
@@ -149,7 +147,7 @@ class SGRS(MeanTeacher):
             raise ConfigError(f"model.init_args.tau must be in (0, 0.5), got {tau}.")
         super().__init__(consistency=consistency, consistency_rampup=consistency_rampup,
                          consistency_gate_steps=consistency_gate_steps, **kwargs)
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
         self.train_example: Callable[[], dict] | None = None
         self.ramp = {"origin": -1, "dice": 0.0}  # t0 (-1: not yet) and the running teacher Dice; in checkpoints
 
@@ -204,17 +202,17 @@ class SGRS(MeanTeacher):
         with torch.no_grad():
             x_u_noisy, x_l_noisy = self.teacher_input(x_u), self.teacher_input(x_l)      # 1.
             self.teacher.train(self.hparams.teacher_mode == "train")
-            pseudo = self.teacher(x_u_noisy).argmax(1)                                   # 2. yhat [B_u, *S]
+            pseudo = self.logits(self.teacher(x_u_noisy)).argmax(1)                      # 2. yhat [B_u, *S]
             lam_raw, partner = draw_mix(n_u, n_l, self.hparams.mix_alpha, x_u.device)    # 3.
             x_m, lam = mix(x_u_noisy, x_l_noisy, lam_raw, partner)
-        logits = self.net(torch.cat([x_l, x_u, x_m]))                                    # 4. one pass
+        logits = self.logits(self.net(torch.cat([x_l, x_u, x_m])))                       # 4. one pass
         z_l, z_u, z_m = logits.split([n_l, n_u, n_u])
         loss_sup = self.supervised_loss(z_l, y_l)                                        # 5.
         p_u, p_m = torch.softmax(z_u, 1), torch.softmax(z_m, 1)
         with torch.no_grad():                                                            # 6.
             regions = synergy_regions(p_u, p_m, self.hparams.tau, self.hparams.uncertainty_rule)
         terms = self.pseudo_loss(z_u, z_m, p_u, p_m, pseudo, regions)                    # 7.
-        weight = self.pseudo_weight(lambda: self.teacher(x_l_noisy).argmax(1), y_l)     # 8.
+        weight = self.pseudo_weight(lambda: self.logits(self.teacher(x_l_noisy)).argmax(1), y_l)  # 8.
         loss = loss_sup + weight * terms["pseudo"]
         self.log_step({"loss/sup": loss_sup, "loss/total": loss, "cons_weight": weight,                # 11.
                        **{f"loss/{k}": v for k, v in terms.items()},
@@ -229,16 +227,6 @@ class SGRS(MeanTeacher):
                                       "student on x_m": z_m[0].detach().argmax(0),
                                       "regions": region_map({k: v[:1] for k, v in regions.items()})[0]}
         return loss
-
-    # ---- teacher update (sec. 7) --------------------------------------------------------------------------------
-    def teacher_alpha(self, step: int) -> float:
-        """The code's second EMA counts the step after incrementing it (alpha 0.5 at the first step)."""
-        return ema_alpha(step + (self.hparams.ema_mode == "double"), self.hparams.ema_decay)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.hparams.ema_mode == "double":
-            weight_ema_step(self.teacher, self.net, self.hparams.ema_decay, CODE_STUDENT_DECAY)
 
 
 @torch.no_grad()
@@ -261,13 +249,3 @@ def region_map(regions: dict) -> torch.Tensor:
     out[regions["D'"]] = 1
     out[regions["I"]] = 4
     return out
-
-
-@torch.no_grad()
-def weight_ema_step(teacher: torch.nn.Module, student: torch.nn.Module, decay: float, student_decay: float) -> None:
-    """The code's WeightEMA: for every float32 state entry (parameters AND BatchNorm statistics)
-    e <- decay e + (1 - decay) s, then s <- s (1 - student_decay)."""
-    for e, s in zip(teacher.state_dict().values(), student.state_dict().values()):
-        if e.dtype == torch.float32:
-            e.mul_(decay).add_(s, alpha=1 - decay)
-            s.mul_(1 - student_decay)

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from tests.conftest import REPO
 from tests.test_experiments import phantom_args
@@ -33,14 +34,19 @@ def rows(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("method,extra", [("mean_teacher", []),
                                           # double EMA also averages BN statistics; training-sample pictures
-                                          ("sgrs", ["--model.init_args.ema_mode=double",
-                                                    "--trainer.callbacks+=callbacks.image_logger.ImageLogger",
+                                          ("sgrs", ["--trainer.callbacks+=callbacks.image_logger.ImageLogger",
                                                     "--trainer.callbacks.every_n_train_steps=1"])])
 def test_ddp_teacher_methods_two_ranks(method, extra, acdc_phantom, la_phantom, tmp_path):
     # 3 validation cases on 2 ranks: the distributed sampler pads one, which must be de-duplicated.
     cases = (acdc_phantom / "val.list").read_text().split() + (acdc_phantom / "test.list").read_text().split()[:1]
     (acdc_phantom / "odd.list").write_text("\n".join(cases) + "\n")
     config = REPO / "experiments" / "acdc" / f"{method}.yaml"
+    if method == "sgrs":
+        cfg = yaml.safe_load(config.read_text())
+        next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("EMATeacher"))["init_args"] = {
+            "mode": "double"}
+        config = tmp_path / "sgrs_double.yaml"
+        config.write_text(yaml.safe_dump(cfg))
     odd = ["--data.init_args.val_list=odd.list", *extra]
     args = phantom_args(config, acdc_phantom, la_phantom, tmp_path) + odd + [
         "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.devices=2",

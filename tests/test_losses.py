@@ -6,7 +6,8 @@ import torch
 
 from callbacks.ema_teacher import EMATeacher
 from lightning_modules import losses
-from lightning_modules.segmentation import lr_factor, overlap_for_stride
+from lightning_modules.schedules import Constant, Poly, StepDecay, WarmupCosine, poly_factor
+from lightning_modules.segmentation import overlap_for_stride
 
 # spec sec. 4: 2 voxels, K = 2, p = [(0.8, 0.2), (0.4, 0.6)], y = [0, 1]
 PROBS = torch.tensor([[0.8, 0.2], [0.4, 0.6]]).T[None, :, :, None]  # [B=1, K=2, 2, 1]
@@ -76,21 +77,40 @@ def test_ema_update_equals_per_parameter_formula():
         torch.testing.assert_close(t, s)
 
 
+def _factors(scheduler_class, n: int, **kwargs) -> list[float]:
+    """LR factors of the first n optimizer steps under a lemis schedule (what LambdaLR really sets)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler, out = scheduler_class(optimizer, **kwargs), []
+    for _ in range(n):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
 def test_poly_lr_follows_ssl4mis_order():
     # Steps 0 and 1 both use the base LR; step t+1 uses (1 - t/N)^0.9.
-    assert lr_factor(0, "poly", 30000) == 1.0
-    assert lr_factor(1, "poly", 30000) == 1.0
-    assert lr_factor(2, "poly", 30000) == pytest.approx((1 - 1 / 30000) ** 0.9)
-    assert lr_factor(15001, "poly", 30000) == pytest.approx(0.5 ** 0.9)
-    assert lr_factor(11, "linear", 100) == pytest.approx(0.9)
+    assert poly_factor(0, 30000) == 1.0 and poly_factor(1, 30000) == 1.0
+    assert poly_factor(2, 30000) == pytest.approx((1 - 1 / 30000) ** 0.9)
+    assert poly_factor(15001, 30000) == pytest.approx(0.5 ** 0.9)
+    assert _factors(Poly, 4, total_steps=10) == pytest.approx([1.0, 1.0, 0.9 ** 0.9, 0.8 ** 0.9])
+    assert _factors(Poly, 12, total_steps=100, power=1.0)[11] == pytest.approx(0.9)  # linear
 
 
 def test_step_lr_follows_ua_mt_boundaries():
     # 1-based steps 1-2500 use 0.01, 2501-5000 use 0.001: 0-based 0..2499 and 2500..4999.
-    assert lr_factor(2499, "step", 6000, step_size=2500) == 1.0
-    assert lr_factor(2500, "step", 6000, step_size=2500) == pytest.approx(0.1)
-    assert lr_factor(5000, "step", 6000, step_size=2500) == pytest.approx(0.01)
-    assert lr_factor(123, "constant", 6000) == 1.0
+    factors = _factors(StepDecay, 5001, step_size=2500, gamma=0.1)
+    assert factors[2499] == 1.0 and factors[2500] == pytest.approx(0.1) and factors[5000] == pytest.approx(0.01)
+    assert _factors(Constant, 3) == [1.0, 1.0, 1.0]
+
+
+def test_warmup_cosine():
+    # W = 2, T = 6: (t + 1)/2 for t < 2, then 0.1 + 0.9 (1 + cos(pi (t - 2)/4))/2
+    expected = [0.5, 1.0, 1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 4)), 0.55, 0.1 + 0.45 * (1 + math.cos(0.75 * math.pi)),
+                0.1]
+    assert _factors(WarmupCosine, 7, total_steps=6, warmup_steps=2, min_factor=0.1) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="warmup_steps < total_steps"):
+        WarmupCosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), total_steps=3, warmup_steps=3)
 
 
 def ua_mt_starts(size: int, patch: int, stride: int) -> list[int]:

@@ -117,9 +117,9 @@ def test_evaluating_another_method_s_checkpoint_is_refused(untouched, capsys):
 
 
 def test_resume_under_another_configuration_is_refused(untouched, capsys):
-    sentence = refused(capsys, ["fit", *untouched["args"], "--ckpt_path=last", "--model.init_args.lr=0.02",
+    sentence = refused(capsys, ["fit", *untouched["args"], "--ckpt_path=last", "--model.init_args.optimizer.init_args.lr=0.02",
                                 "--data.init_args.labeled=3"],
-                       str(untouched["ckpt"]), "model.init_args.lr: 0.01 -> 0.02", "data.init_args.labeled: 2 -> 3",
+                       str(untouched["ckpt"]), "model.init_args.optimizer.init_args.lr: 0.01 -> 0.02", "data.init_args.labeled: 2 -> 3",
                        "--allow_config_change=true")
     assert "num_workers" not in sentence
 
@@ -177,7 +177,7 @@ def test_two_runs_into_one_explicit_version_one_is_refused(acdc_phantom, la_phan
     ("--data.init_args.labeled=99", "data.init_args.labeled=99"),
     ("--model.init_args.num_classes=3", "model.init_args.num_classes=3"),
     ("--data.init_args.labeled_batch_size=null", "needs an unlabeled stream"),
-    ("--model.init_args.lr=-1", "model.init_args.lr must be > 0"),
+    ("--model.init_args.optimizer.init_args.lr=-1", "Invalid learning rate: -1"),
 ])
 def test_failed_start_leaves_no_run_directory(override, needle, acdc_phantom, la_phantom, tmp_path, capsys):
     args = phantom_args(MT, acdc_phantom, la_phantom, tmp_path)
@@ -243,8 +243,10 @@ def test_interrupt_says_where_the_last_checkpoint_is(acdc_phantom, la_phantom, t
     ("--model.init_args.num_classes=3", "model.init_args.num_classes=3 but data.init_args.num_classes=4"),
     ("--model.init_args.net.init_args.num_classes=3", "outputs 3 channels but model.init_args.num_classes=4"),
     ("--model.init_args.net.init_args.in_channels=2", "model.init_args.net"),
-    ("--model.init_args.lr=-1", "model.init_args.lr must be > 0"),
-    ("--model.init_args.momentum=1.5", "model.init_args.momentum must be in [0, 1)"),
+    ("--model.init_args.optimizer.init_args.lr=-1", "model.init_args.optimizer / lr_scheduler: Invalid learning rate"),
+    ("--model.init_args.optimizer.init_args.momentum=-0.5", "Invalid momentum value: -0.5"),
+    ("--trainer.max_steps=-1", "Poly needs total_steps > 0"),
+    ("--model.init_args.init_weights.path=/no/such/weights.pt", "/no/such/weights.pt not found"),
     ("--data.init_args.labeled=2.5", "data.init_args.labeled=2.5"),
     ("--trainer.max_step=3", "--trainer.max_step=3"),
 ])

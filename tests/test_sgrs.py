@@ -1,7 +1,9 @@
 """SGRS-Net (spec/methods/sgrs.md): the hand-checkable example of sec. 12, mixing, uncertainty rules, ramp,
 the code-quirk options, and one run on phantoms with region logging and drawing."""
+import copy
 import csv
 import math
+import types
 from pathlib import Path
 
 import pytest
@@ -9,10 +11,11 @@ import torch
 import yaml
 from torch import nn
 
+from callbacks.ema_teacher import EMATeacher, weight_ema_step
 from experiments.cli import LemisCLI
 from lightning_modules import losses
 from lightning_modules.sgrs import (SGRS, draw_mix, foreground_dice, masked_soft_dice, mix, region_map, regional_ce,
-                                    sgrs_code_dice, synergy_regions, uncertain, weight_ema_step)
+                                    sgrs_code_dice, synergy_regions, uncertain)
 from tests.conftest import REPO
 from tests.test_experiments import phantom_args
 
@@ -196,11 +199,35 @@ def test_double_ema_decays_the_student_and_averages_bn_statistics():
         assert torch.allclose(teacher.state_dict()[key], 0.99 * e0[key] + 0.01 * s0[key])
         assert torch.allclose(student.state_dict()[key], s0[key] * (1 - 2e-4))
     assert teacher.num_batches_tracked == e0["num_batches_tracked"]  # integer entries untouched
-    assert module(ema_mode="double").teacher_alpha(0) == 0.5 and module().teacher_alpha(0) == 0.0
-    assert module(ema_mode="double").teacher_alpha(500) == 0.99
 
 
-@pytest.mark.parametrize("option", ["uncertainty_rule=median", "ema_mode=triple", "tau=0.6"])
+@pytest.mark.parametrize("mode", ["single", "double"])
+def test_ema_teacher_modes(mode):
+    """After optimizer step 0: single = alpha_0 = 0, the teacher copies the student; double = WeightEMA
+    (teacher 0.99 e + 0.01 s, BN statistics included, student decayed) then the EMA with alpha_1 = 0.5."""
+    torch.manual_seed(0)
+    m = SGRS(net=nn.BatchNorm1d(3), num_classes=2)
+    callback = EMATeacher(mode=mode)
+    callback.setup(None, m, "fit")
+    with torch.no_grad():
+        for t in (*m.net.parameters(), m.net.running_mean):
+            t.uniform_(0.5, 1.5)
+    e0, s0 = copy.deepcopy(m.teacher.state_dict()), copy.deepcopy(m.net.state_dict())
+    callback.on_train_batch_end(types.SimpleNamespace(global_step=1, world_size=1), m, None, None, 0)
+    for key in ("weight", "bias"):
+        if mode == "single":
+            torch.testing.assert_close(m.teacher.state_dict()[key], s0[key])
+        else:
+            s1 = s0[key] * (1 - 2e-4)
+            torch.testing.assert_close(m.net.state_dict()[key], s1)
+            torch.testing.assert_close(m.teacher.state_dict()[key], 0.5 * (0.99 * e0[key] + 0.01 * s0[key]) + 0.5 * s1)
+    expected_mean = e0["running_mean"] if mode == "single" else 0.99 * e0["running_mean"] + 0.01 * s0["running_mean"]
+    torch.testing.assert_close(m.teacher.running_mean, expected_mean)
+    with pytest.raises(Exception, match="mode must be one of"):
+        EMATeacher(mode="triple")
+
+
+@pytest.mark.parametrize("option", ["uncertainty_rule=median", "sup_dice=other", "tau=0.6"])
 def test_bad_options_name_themselves(option):
     name, value = option.split("=")
     with pytest.raises(Exception, match=f"model.init_args.{name}"):
@@ -212,9 +239,10 @@ def test_sgrs_logs_regions_and_draws_them(config, acdc_phantom, la_phantom, tmp_
     cfg = yaml.safe_load((REPO / "experiments" / config).read_text())
     logger = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ImageLogger"))
     logger["init_args"]["every_n_train_steps"] = 1
+    next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("EMATeacher"))["init_args"]["mode"] = "double"
     (tmp_path / "sgrs.yaml").write_text(yaml.safe_dump(cfg))
     args = phantom_args(tmp_path / "sgrs.yaml", acdc_phantom, la_phantom, tmp_path)
-    cli = LemisCLI(args=["fit", *args, "--trainer.log_every_n_steps=1", "--model.init_args.ema_mode=double"])
+    cli = LemisCLI(args=["fit", *args, "--trainer.log_every_n_steps=1"])
     run = Path(cli.trainer.log_dir)
     with open(run / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("sgrs/frac_c_prime")]
@@ -223,7 +251,7 @@ def test_sgrs_logs_regions_and_draws_them(config, acdc_phantom, la_phantom, tmp_
         parts = sum(float(r[f"sgrs/frac_{k}"]) for k in ("c_prime", "d_prime", "uncertain"))
         assert parts == pytest.approx(1.0) and 0.5 <= float(r["sgrs/lambda_mean"]) <= 1.0
     assert (run / "images" / "train_step1.png").is_file() and (run / "images" / "train_step2.png").is_file()
-    assert "ema_mode: double" in (run / "hparams.yaml").read_text()
+    assert "mode: double" in (run / "config.yaml").read_text()
 
 
 def test_benchmark_reference_step_does_the_module_arithmetic():
