@@ -35,7 +35,7 @@ class RNGState(L.Callback):
     the state the next step starts from, wherever it is written (after the step or after the validation that
     follows it), and nothing that runs between steps shifts training's draws: not validation, not a resumed run's
     start-up (building the model and the loaders draws from the same generators). Data augmentation does not use
-    these generators (each sample has its own seed, ``datamodules.base.seeded``).
+    these generators (each sample has its own seed, ``datamodules.streams.seeded``).
 
     Under DDP the checkpoint holds rank 0's states and every rank resumes from them: with one seed on every rank
     and the same draws per step, the ranks' CPU states are the same anyway.

@@ -1,228 +1,31 @@
-"""SegmentationDataModule: split lists, label budget, the two training streams, whole-case evaluation loaders.
+"""SegmentationDataModule: split lists, label budget, declared training streams, whole-case evaluation loaders.
 
-A subclass says where its files are and how one training sample / one evaluation case is made; this class
-checks every file before training (missing file, unreadable h5, missing key, labels outside ``num_classes``:
-one ``DataError`` naming the path), applies the label budget and builds the loaders.
+A subclass says where its files are (``train_path``/``case_path``: a location its ``reader`` reads), how one
+training sample and one evaluation case are made, and, if it needs more than the labeled/unlabeled pair, which
+streams a batch has (``streams``). This class reads and checks every file before training (missing file,
+unreadable file, missing key, NaN/inf images, label/image shape, labels outside ``num_classes`` after the
+``targets`` hook: one ``DataError`` naming the path), applies the label budget and builds the loaders.
 
-Training batches: one plain stream ``{"image", "label", "case"}`` when ``labeled_batch_size`` is unset (or
-equals ``batch_size``), else ``{"labeled": ..., "unlabeled": ...}`` from a ``CombinedLoader`` in
-``max_size_cycle`` mode (the shorter stream cycles, as SSL4MIS's TwoStreamBatchSampler cycles labeled
-permutations against an endless unlabeled stream). Each stream is a ``StreamLoader``: its order and every
-sample's augmentations follow from the seed and the position alone, and the position is saved in checkpoints,
-so a run resumed mid-epoch sees the batches of an uninterrupted one, whatever ``num_workers`` is.
-Evaluation yields one whole case per batch:
+Training batches: the declared streams (``datamodules.streams``), ``{"labeled": ..., "unlabeled": ...}`` for the
+teacher methods, the labeled batch itself for a labeled-only run. Evaluation yields one whole case per batch:
 ``{"image": [1, C, *S], "label": [1, *S], "case": [id], "spacing": [tuple | None]}``.
 """
 from __future__ import annotations
 
-import random
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import h5py
 import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.utilities import CombinedLoader, rank_zero_info
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
 
+from datamodules.budget import select_labeled
+from datamodules.readers import H5Reader, Reader, check_image, check_label, read_list
+from datamodules.streams import SampleDataset, Stream, collate_case, stream_loaders
 from lemis.errors import ConfigError, DataError
 
-SPLIT_RULES = ("first", "random")
 STREAMS = ("labeled", "unlabeled")
-
-
-def read_list(path: Path) -> list[str]:
-    """Non-empty stripped lines of a split list file."""
-    if not path.is_file():
-        raise DataError(f"split list {path} not found.")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_h5(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The named datasets of an h5 file (plus its attributes under ``"attrs"``), with one-sentence errors."""
-    if not path.is_file():
-        raise DataError(f"missing file {path}.")
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in keys if k not in f]
-            if missing:
-                raise DataError(f"{path} has no key {missing[0]!r} (it has {sorted(f.keys())}).")
-            out = {k: f[k][()] for k in keys}
-            out["attrs"] = dict(f.attrs)
-            return out
-    except DataError:
-        raise
-    except Exception as err:  # h5py raises OSError/KeyError/RuntimeError variants for damaged files
-        raise DataError(f"cannot read {path} as HDF5 (corrupt or truncated file: {type(err).__name__}).") from None
-
-
-def check_label(label: np.ndarray, num_classes: int, path: Path) -> None:
-    """Labels must be integers in [0, num_classes)."""
-    low, high = int(label.min()), int(label.max())
-    if low < 0 or high >= num_classes:
-        bad = sorted(int(v) for v in np.unique(label) if v < 0 or v >= num_classes)
-        raise DataError(f"{path} has label values {bad} outside 0..{num_classes - 1} "
-                        f"(data.init_args.num_classes={num_classes}).")
-
-
-def check_image(data: dict, path: Path) -> None:
-    """Image values must be finite, and a label must cover the image's spatial axes (its last label.ndim axes):
-    a NaN volume would otherwise score Dice 0 without a word, a NaN slice stop training without a file name."""
-    image = data["image"]
-    if not np.isfinite(image).all():
-        bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
-        raise DataError(f"{path} has {bad} NaN/inf values in 'image'.")
-    label = data.get("label")
-    if label is not None and image.shape[image.ndim - label.ndim:] != label.shape:
-        raise DataError(f"{path} has image shape {image.shape} but label shape {label.shape}.")
-
-
-def budget_count(budget, n_groups: int) -> int:
-    """Number of labeled groups of a budget: an integer is a count, a float in (0, 1] a fraction of the groups.
-
-    ``labeled: 7`` is 7 patients, ``labeled: 0.1`` of 70 patients is 7 and ``labeled: 1.0`` all of them; a float
-    outside (0, 1] (``2.5``, ``7.0``) is an error rather than a silent truncation to a count.
-    """
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ConfigError(f"data.init_args.labeled must be a count (integer) or a fraction in (0, 1], got {budget!r}.")
-    if isinstance(budget, float):
-        if not 0 < budget <= 1:
-            raise ConfigError(f"data.init_args.labeled={budget} is neither a count (write an integer) nor a "
-                              f"fraction in (0, 1] of the training patients/cases.")
-        return round(budget * n_groups)
-    return budget
-
-
-def select_labeled(groups: list[str], budget: int | float, rule: str = "first", seed: int = 0) -> list[str]:
-    """The labeled groups (patients / cases) of a budget, from ``groups`` in order of first appearance.
-
-    budget: see ``budget_count``. rule ``first``: the first N groups in file order (reproduces SSL4MIS's
-    3 -> 68 and 7 -> 136 slices); ``random``: N groups drawn with ``seed``.
-    """
-    if rule not in SPLIT_RULES:
-        raise ConfigError(f"data.init_args.split_rule must be one of {SPLIT_RULES}, got {rule!r}.")
-    unique = list(dict.fromkeys(groups))
-    n = budget_count(budget, len(unique))
-    if not 1 <= n <= len(unique):
-        raise ConfigError(f"data.init_args.labeled={budget} is impossible: between 1 and {len(unique)} "
-                          f"(the number of training patients/cases available) are needed.")
-    if rule == "first":
-        return unique[:n]
-    return random.Random(seed).sample(unique, n)
-
-
-class SampleDataset(Dataset):
-    """Items read by ``load(item) -> dict`` and turned into tensors by ``make(sample) -> dict``.
-
-    A key is an index, or ``(index, seed)`` from a ``StreamSampler``: then ``make`` (the augmentations) draws
-    from that seed alone (see ``seeded``).
-    """
-
-    def __init__(self, items: list[str], load: Callable[[str], dict], make: Callable[[dict], dict]):
-        self.items, self.load, self.make = items, load, make
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        if isinstance(key, tuple):
-            index, seed = key
-            with seeded(seed):
-                return self.make(self.load(self.items[index]))
-        return self.make(self.load(self.items[key]))
-
-
-@contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run a block with torch (CPU), numpy and ``random`` seeded by ``seed``, then put their states back.
-
-    A sample's augmentations then depend on its seed only: not on the worker that makes it, on what training drew
-    before, nor on a restart; and making it leaves the caller's random stream untouched. CUDA generators are left
-    alone (augmentations run on CPU; ``torch.manual_seed`` would reseed them too).
-    """
-    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
-    torch.default_generator.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(states[0])
-        np.random.set_state(states[1])
-        random.setstate(states[2])
-
-
-class StreamSampler(DistributedSampler):
-    """``(index, augmentation seed)`` pairs of one training stream, one shuffled pass after another.
-
-    Pass ``cycle`` of epoch ``epoch`` (Lightning calls ``set_epoch``; the shorter of two streams runs several
-    passes per epoch) is drawn from (seed, stream, epoch, cycle) alone, so a resumed run redraws the interrupted
-    pass and starts at ``start``. Under DDP each rank takes every ``num_replicas``-th item of the pass, padded
-    to equal length as DistributedSampler does; being a DistributedSampler, Lightning keeps it rather than
-    injecting its own.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int, stream: int, num_replicas: int = 1, rank: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.stream = stream
-        self.cycle, self.start = 0, 0  # set by StreamLoader before each pass
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        entropy = np.random.SeedSequence([self.seed, self.stream, self.epoch, self.cycle])
-        generator = torch.Generator().manual_seed(int(entropy.generate_state(1, np.uint64)[0]))
-        n = len(self.dataset)
-        order = torch.randperm(n, generator=generator).tolist()
-        seeds = torch.randint(0, 2**31, (n,), generator=generator).tolist()
-        order = (order * -(-self.total_size // n))[:self.total_size]
-        mine = order[self.rank:self.total_size:self.num_replicas]
-        return iter([(i, seeds[i]) for i in mine[self.start:]])
-
-
-class StreamLoader(DataLoader):
-    """The DataLoader of one training stream; its position travels with checkpoints.
-
-    Lightning's fit loop stores ``state_dict()`` of training loaders that have one and gives it back through
-    ``load_state_dict`` when a run resumes. The state is the pass under way (seed, epoch, cycle) and the batches
-    it has yielded to training, counted here rather than in the sampler, which runs ahead when workers prefetch.
-    A pass is chosen at the first ``next()`` after ``iter()``, so after Lightning's ``set_epoch``: a resumed run
-    continues the saved pass if its epoch is still under way, and starts the next epoch's first pass otherwise.
-    """
-
-    sampler: StreamSampler
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.epoch, self.cycle, self.batches = 0, -1, 0
-        self._resuming = False
-
-    def __iter__(self) -> Iterator:
-        self._begin_pass()
-        for batch in super().__iter__():
-            self.batches += 1
-            yield batch
-
-    def _begin_pass(self) -> None:
-        epoch = self.sampler.epoch
-        if not (self._resuming and epoch == self.epoch):
-            self.cycle, self.batches = (self.cycle + 1 if epoch == self.epoch else 0), 0
-        self.epoch, self._resuming = epoch, False
-        self.sampler.cycle, self.sampler.start = self.cycle, self.batches * self.batch_size
-
-    def state_dict(self) -> dict:
-        return {"seed": self.sampler.seed, "epoch": self.epoch, "cycle": self.cycle, "batches": self.batches}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.seed = state["seed"]
-        self.epoch, self.cycle, self.batches = state["epoch"], state["cycle"], state["batches"]
-        self._resuming = True
-
-
-def collate_case(batch: list[dict]) -> dict:
-    """One whole case per batch: tensors get a batch axis, everything else becomes a one-item list."""
-    (case,) = batch
-    return {k: v[None] if isinstance(v, torch.Tensor) else [v] for k, v in case.items()}
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -242,6 +45,7 @@ class SegmentationDataModule(L.LightningDataModule):
 
     class_names: tuple[str, ...] = ()
     train_list: str = ""
+    reader: Reader = H5Reader()
 
     def __init__(
         self,
@@ -269,8 +73,9 @@ class SegmentationDataModule(L.LightningDataModule):
         self.lists = {"val": val_list, "test": test_list, "predict": predict_list or test_list}
         self.present = present
         self.num_workers, self.cache = num_workers, cache
-        self._cache: dict[tuple[Path, tuple], dict] = {}
+        self._cache: dict[tuple, dict] = {}
         self.datasets: dict[str, Dataset] = {}
+        self._streams: list[Stream] = []
         self._check_streams()
 
     # ---- what a subclass provides -----------------------------------------------------------------------------
@@ -278,11 +83,19 @@ class SegmentationDataModule(L.LightningDataModule):
         """(group, item) pairs of the training set in file order; the budget counts groups."""
         raise NotImplementedError
 
-    def train_path(self, item: str) -> Path:
+    def train_path(self, item: str):
+        """The location of a training item, as ``reader`` reads it (a file; for NIfTI ``{key: file(s)}``)."""
         raise NotImplementedError
 
-    def case_path(self, case: str) -> Path:
+    def case_path(self, case: str):
+        """The location of an evaluation case."""
         raise NotImplementedError
+
+    def targets(self, stream: str, data: dict, location) -> dict:
+        """Derive or drop keys of one item of ``stream`` (a training stream's name, or val/test/predict) after
+        reading and before the checks: remap labels (BraTS 4 -> 3), derive coarse labels or image labels. A
+        derived target of an unlabeled item must come from what that stream reads, never from its labels."""
+        return data
 
     def train_sample(self, data: dict, item: str) -> dict:
         """Augmented tensors of one training item: {"image": [C, *P], "label": [*P] (if read), "case"}."""
@@ -299,8 +112,26 @@ class SegmentationDataModule(L.LightningDataModule):
 
     @property
     def stream_names(self) -> tuple[str, ...]:
-        """The training batch's streams (contracts.DeclaresStreams)."""
+        """The training batch's streams (contracts.DeclaresStreams), known before setup."""
         return STREAMS if self.two_streams else STREAMS[:1]
+
+    def streams(self) -> list[Stream]:
+        """The training streams in batch order: the labeled items (labels read), and with a two-stream batch the
+        unlabeled items (images only: labels that are not read cannot leak into a budget experiment). A
+        DataModule with other streams overrides this (and ``stream_names``)."""
+        groups, labeled, unlabeled = self.split()
+        if self.two_streams and not unlabeled:
+            raise ConfigError(f"data.init_args.labeled={self.labeled} leaves no unlabeled training data for a "
+                              f"two-stream run; set data.init_args.labeled_batch_size to null for a labeled-only run.")
+        rank_zero_info(f"lemis: label budget {self.labeled} -> {len(groups)} groups, {len(labeled)} labeled "
+                       f"items, {len(unlabeled)} unlabeled items.")
+        self.labeled_groups = groups
+        if not self.two_streams:
+            # SSL4MIS's supervised script: a shuffled loader over the labeled slices, last partial batch kept.
+            return [Stream("labeled", labeled, ("image", "label"), self.batch_size, drop_last=False)]
+        n_lab = self.labeled_batch_size
+        return [Stream("labeled", labeled, ("image", "label"), n_lab),
+                Stream("unlabeled", unlabeled, ("image",), self.batch_size - n_lab)]
 
     def _check_streams(self) -> None:
         if self.batch_size < 1:
@@ -332,34 +163,32 @@ class SegmentationDataModule(L.LightningDataModule):
         return groups, labeled, unlabeled
 
     # ---- reading (checked, optionally cached) --------------------------------------------------------------
-    def _read(self, path: Path, keys: tuple[str, ...]) -> dict:
-        key = (path, keys)
+    def _read(self, location, keys: tuple[str, ...], stream: str) -> dict:
+        """The checked arrays of one location (cached by location, keys and stream)."""
+        key = (str(location), keys, stream)
         if key in self._cache:
             return self._cache[key]
-        data = read_h5(path, keys)
-        check_image(data, path)
-        if "label" in keys:
-            check_label(data["label"], self.num_classes, path)
+        data = self.targets(stream, self.reader.read(location, keys), location)
+        check_image(data, location)
+        if "label" in data:
+            check_label(data["label"], self.num_classes, location)
         if self.cache:
             self._cache[key] = data
         return data
 
-    def _reader(self, path_of: Callable[[str], Path], keys: tuple[str, ...]) -> Callable[[str], dict]:
-        """item -> its arrays (checked, cached) plus its id under "case"."""
-        return lambda item: {**self._read(path_of(item), keys), "case": item}
-
-    def _checked(self, items: list[str], path_of: Callable[[str], Path], keys: tuple[str, ...]) -> list[str]:
-        """Read every file once before training so bad input fails now, not at step 10,000."""
-        for item in items:
-            self._read(path_of(item), keys)
-        return items
-
-    def _check_present(self, items: list[str], path_of: Callable[[str], Path], list_name: str, hint: str) -> None:
-        """Every file a list names exists, or one DataError saying how many are missing and what to do."""
-        missing = [i for i in items if not path_of(i).is_file()]
+    def _dataset(self, stream: str, items: list[str], path_of: Callable, keys: tuple[str, ...],
+                 make: Callable[[dict], dict], list_name: str, hint: str) -> SampleDataset:
+        """A stream's or split's dataset after every file it names was found and read once (bad input fails
+        now, not at step 10,000)."""
+        missing = [i for i in items if not all(f.is_file() for f in self.reader.files(path_of(i)))]
         if missing:
+            first = next(f for f in self.reader.files(path_of(missing[0])) if not f.is_file())
             raise DataError(f"{len(missing)} of the {len(items)} files named by {list_name} are missing (first: "
-                            f"{path_of(missing[0])}); {hint}, or skip absent ids with --data.init_args.present=FILE.")
+                            f"{first}); {hint}, or skip absent ids with --data.init_args.present=FILE.")
+        for item in items:
+            self._read(path_of(item), keys, stream)
+        load = lambda item: {**self._read(path_of(item), keys, stream), "case": item}  # noqa: E731
+        return SampleDataset(items, load, make)
 
     def eval_cases(self, stage: str) -> list[str]:
         """Case ids of an evaluation stage (val/test/predict) from its list file."""
@@ -371,41 +200,25 @@ class SegmentationDataModule(L.LightningDataModule):
         option = f"data.init_args.{stage}_list"
         if not cases:
             raise DataError(f"{self.root / self.lists[stage]} names no case to evaluate ({option}).")
-        self._check_present(cases, self.case_path, self.lists[stage], f"name another split with --{option}=FILE")
         keys = ("image",) if stage == "predict" else ("image", "label")
-        self._checked(cases, self.case_path, keys)
-        return SampleDataset(cases, self._reader(self.case_path, keys), lambda d: self.eval_case(d, d["case"]))
+        return self._dataset(stage, cases, self.case_path, keys, lambda d: self.eval_case(d, d["case"]),
+                             self.lists[stage], f"name another split with --{option}=FILE")
 
     def _train_datasets(self) -> None:
-        groups, labeled, unlabeled = self.split()
-        if self.two_streams and not unlabeled:
-            raise ConfigError(f"data.init_args.labeled={self.labeled} leaves no unlabeled training data for a "
-                              f"two-stream run; set data.init_args.labeled_batch_size to null for a labeled-only run.")
-        rank_zero_info(f"lemis: label budget {self.labeled} -> {len(groups)} groups, {len(labeled)} labeled "
-                       f"items, {len(unlabeled)} unlabeled items.")
-        self.labeled_groups = groups
-        self._check_present(labeled + (unlabeled if self.two_streams else []), self.train_path, self.train_list,
-                            "fix data.init_args.root")
-        both, image_only = ("image", "label"), ("image",)
-        self._checked(labeled, self.train_path, both)
-        self.datasets["labeled"] = SampleDataset(labeled, self._reader(self.train_path, both),
-                                                 lambda d: self.train_sample(d, d["case"]))
-        if self.two_streams:
-            # Unlabeled labels are never read, so a budget experiment cannot leak them.
-            self._checked(unlabeled, self.train_path, image_only)
-            self.datasets["unlabeled"] = SampleDataset(unlabeled, self._reader(self.train_path, image_only),
-                                                       lambda d: self.train_sample(d, d["case"]))
-            n_lab = self.labeled_batch_size
-            for name, n in (("labeled", n_lab), ("unlabeled", self.batch_size - n_lab)):
-                if len(self.datasets[name]) < n:
-                    raise ConfigError(f"the {name} stream has {len(self.datasets[name])} items, fewer than its "
-                                      f"batch of {n} (data.init_args.batch_size / "
-                                      f"data.init_args.labeled_batch_size).")
+        self._streams = self.streams()
+        for stream in self._streams:
+            self.datasets[stream.name] = self._dataset(stream.name, stream.items, self.train_path, stream.keys,
+                                                       lambda d: self.train_sample(d, d["case"]), self.train_list,
+                                                       "fix data.init_args.root")
+            if len(self._streams) > 1 and len(stream.items) < stream.batch_size:
+                raise ConfigError(f"the {stream.name} stream has {len(stream.items)} items, fewer than its batch "
+                                  f"of {stream.batch_size} (data.init_args.batch_size / "
+                                  f"data.init_args.labeled_batch_size).")
 
     def setup(self, stage: str | None = None) -> None:
         if not self.root.is_dir():
             raise DataError(f"data root {self.root} does not exist (set data.init_args.root).")
-        if stage in ("fit", None) and "labeled" not in self.datasets:
+        if stage in ("fit", None) and not self._streams:
             self._train_datasets()
         for name, stages in (("val", ("fit", "validate", None)), ("test", ("test",)), ("predict", ("predict",))):
             if stage in stages and name not in self.datasets:
@@ -414,7 +227,7 @@ class SegmentationDataModule(L.LightningDataModule):
     def first_image(self, stage: str) -> torch.Tensor:
         """The image [C, *S] of the first item a stage reads (after ``setup(stage)``); a training item is drawn
         with augmentation seed 0, leaving the caller's random state as it was."""
-        name = {"fit": "labeled", "validate": "val"}.get(stage, stage)
+        name = self._streams[0].name if stage == "fit" else {"validate": "val"}.get(stage, stage)
         return self.datasets[name][(0, 0) if stage == "fit" else 0]["image"]
 
     # ---- loaders -----------------------------------------------------------------------------------------------
@@ -426,25 +239,12 @@ class SegmentationDataModule(L.LightningDataModule):
         """Whole cases of an evaluation split, in list order."""
         return DataLoader(self.datasets[name], batch_size=1, collate_fn=collate_case, **self._worker_options())
 
-    def _stream(self, name: str, batch_size: int, drop_last: bool) -> StreamLoader:
-        """A shuffled training stream; its seed is the run's (``seed_everything``), rank 0's under DDP."""
+    def train_dataloader(self):
+        """The declared streams' loaders; the seed is the run's (``seed_everything``), rank 0's under DDP."""
         trainer = self.trainer
         seed = trainer.strategy.broadcast(torch.initial_seed()) if trainer else torch.initial_seed()
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        dataset = self.datasets[name]
-        sampler = StreamSampler(dataset, seed, STREAMS.index(name), num_replicas=world, rank=rank)
-        return StreamLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                            **self._worker_options())
-
-    def train_dataloader(self):
-        if not self.two_streams:
-            # SSL4MIS's supervised script: a shuffled loader over the labeled slices, last partial batch kept.
-            return self._stream("labeled", self.batch_size, False)
-        n_lab = self.labeled_batch_size
-        n_unl = self.batch_size - n_lab
-        loaders = {"labeled": self._stream("labeled", n_lab, True),
-                   "unlabeled": self._stream("unlabeled", n_unl, True)}
-        return CombinedLoader(loaders, mode="max_size_cycle")
+        return stream_loaders(self._streams, self.datasets, seed, world, rank, **self._worker_options())
 
     def val_dataloader(self):
         return self._cases("val")

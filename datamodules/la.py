@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.base import SegmentationDataModule, read_list
+from datamodules.base import SegmentationDataModule
+from datamodules.readers import read_list
 from lemis.errors import ConfigError
 from datamodules.transforms import la_train_transform
 

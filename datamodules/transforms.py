@@ -1,7 +1,7 @@
 """The published augmentations, written once (SSL4MIS 2D RandomGenerator; UA-MT 3D RandomRotFlip + RandomCrop).
 
 Arrays are numpy, spatial axes only (no channel axis); ``label`` may be None for the unlabeled stream.
-Random draws use torch's generator; the training datasets seed it per sample (``datamodules.base.seeded``), so a
+Random draws use torch's generator; the training datasets seed it per sample (``datamodules.streams.seeded``), so a
 sample's augmentation depends only on the run seed and its place in the stream, whatever the worker count.
 MONAI's RandRotate90/RandFlip/RandRotate/Resize draw and interpolate differently (linear resize, other
 probabilities); the published protocol resizes images AND labels with order-0 ``scipy.ndimage.zoom``,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from datamodules.acdc import ACDCDataModule
-from datamodules.base import select_labeled
+from datamodules.budget import select_labeled
 from lemis.errors import ConfigError, DataError
 from datamodules.la import LADataModule
 from tests.conftest import real

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from datamodules.phantoms import PHANTOMS
 from experiments.__main__ import main
 from experiments.cli import LemisCLI
 from tests.conftest import REPO
@@ -15,18 +16,16 @@ CONFIGS = sorted(p for p in (REPO / "experiments").rglob("*.yaml") if not {"swee
 
 
 def phantom_args(config: Path, acdc_root: Path, la_root: Path, out: Path) -> list[str]:
-    """Overrides that shrink a published config to seconds on phantoms (DESIGN.md "Tests")."""
+    """Overrides that shrink a published config to seconds on phantoms (DESIGN.md "Tests"): the data options
+    from the table beside each phantom (datamodules.phantoms.PHANTOMS), two steps, validation after them."""
     cfg = yaml.safe_load(config.read_text())
-    three_d = cfg["data"]["class_path"].endswith("LADataModule")
+    kind, _, size = PHANTOMS[cfg["data"]["class_path"]]
     two_streams = cfg["data"]["init_args"].get("labeled_batch_size") is not None
-    args = ["--config", str(config), f"--data.init_args.root={la_root if three_d else acdc_root}",
-            f"--data.init_args.patch_size={[32, 32, 32] if three_d else [32, 32]}",
-            "--data.init_args.labeled=2", f"--data.init_args.batch_size={2 if three_d else 4}",
-            "--data.init_args.num_workers=0", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
-            "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            f"--trainer.logger.init_args.save_dir={out}"]
-    if two_streams:
-        args.append(f"--data.init_args.labeled_batch_size={1 if three_d else 2}")
+    args = ["--config", str(config), f"--data.init_args.root={ {'acdc': acdc_root, 'la': la_root}[kind]}",
+            *(f"--data.init_args.{k}={v}" for k, v in size.items() if k != "labeled_batch_size" or two_streams),
+            "--data.init_args.labeled=2", "--data.init_args.num_workers=0", "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={out}"]
     return args
 
 

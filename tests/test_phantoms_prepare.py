@@ -13,7 +13,10 @@ import pytest
 from scipy import ndimage as ndi
 
 from datamodules.phantoms import LA_FOLDER, MARKER, ensure_phantoms, make_acdc, make_la
-from datamodules.prepare import main, prepare_acdc, read_list, write_h5
+from datamodules.prepare import main
+from datamodules.prepare.acdc import prepare_acdc
+from datamodules.writers import write_h5
+from datamodules.readers import read_list
 
 REPO = Path(__file__).resolve().parents[1]
 SQUARE = np.ones((3, 3), bool)  # 8-connected one-pixel dilation
@@ -314,7 +317,7 @@ def test_prepare_errors(raw, tmp_path, capsys):
     assert str(tmp_path / "nowhere") in run_main(["acdc", str(tmp_path / "nowhere"), out], capsys)
     (tmp_path / "empty").mkdir()
     assert "no patientXXX folders" in run_main(["acdc", str(tmp_path / "empty"), out], capsys)
-    assert "not implemented yet: acdc is the only dataset" in run_main(["la", str(raw_dir), out], capsys)
+    assert "no converter for 'la' (there are: acdc)" in run_main(["la", str(raw_dir), out], capsys)
     split = tmp_path / "split"
     split.mkdir()
     for name in ("train", "val", "test"):

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from datamodules.base import budget_count
+from datamodules.budget import budget_count
 from lemis.errors import ConfigError
 from experiments.__main__ import main
 from experiments.cli import LemisCLI

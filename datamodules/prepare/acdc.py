@@ -1,8 +1,4 @@
-"""Convert official dataset releases into the layouts the DataModules read (`spec/datasets.md`).
-
-    python -m datamodules.prepare acdc RAW_DIR OUT_DIR [--split-from DIR]
-
-ACDC: the official NIfTI release (``RAW_DIR/{training,testing}/patientXXX/`` or ``RAW_DIR/patientXXX/``, each
+"""ACDC: the official NIfTI release (``RAW_DIR/{training,testing}/patientXXX/`` or ``RAW_DIR/patientXXX/``, each
 with ``patientXXX_frameYY.nii.gz``, ``patientXXX_frameYY_gt.nii.gz`` and ``Info.cfg``) becomes the SSL4MIS layout:
 ``OUT/{train_slices,train,val,test}.list``, ``OUT/data/<patientXXX_frameYY>.h5`` and
 ``OUT/data/slices/<patientXXX_frameYY>_slice_<i>.h5``.
@@ -18,50 +14,21 @@ Conventions, chosen to reproduce the SSL4MIS files:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from datamodules.readers import read_list
+from datamodules.writers import minmax, write_h5, write_list
 from lemis.errors import PrepareError
-from lemis.files import atomic_path
 
 ACDC_CLASSES = (0, 1, 2, 3)
 ACDC_INFO_KEYS = {"ED": int, "ES": int, "Group": str, "Height": float, "Weight": float}
 _FRAME_RE = re.compile(r"^(patient\d+)_frame(\d+)\.nii(?:\.gz)?$")
-_GZIP_LEVEL = 4
 
-
-# ---------------------------------------------------------------- atomic writers (shared with phantoms.py)
-
-def write_h5(path: str | os.PathLike, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> None:
-    """Write ``arrays`` (name -> array, any shape) as gzip datasets, plus file attributes, atomically.
-
-    An interrupted run never leaves a half-written file under the final name (``atomic_path``).
-    """
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        for key, value in arrays.items():
-            f.create_dataset(key, data=value, compression="gzip", compression_opts=_GZIP_LEVEL)
-        f.attrs.update(attrs or {})
-
-
-def write_list(path: str | os.PathLike, names: list[str]) -> None:
-    """Write one name a line (with a final newline, as the community files have), atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(f"{n}\n" for n in names))
-
-
-def read_list(path: str | os.PathLike) -> list[str]:
-    """Non-empty, stripped lines of a list file."""
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-# ---------------------------------------------------------------- ACDC
 
 @dataclass
 class _Patient:
@@ -202,37 +169,3 @@ def _load_acdc_frame(folder: Path, frame: int) -> tuple[np.ndarray, np.ndarray, 
     image = np.asarray(img.dataobj, dtype=np.float64).transpose(2, 1, 0)
     spacing = np.asarray(img.header.get_zooms(), dtype=np.float64)[::-1].copy()
     return minmax(image), label.transpose(2, 1, 0).astype(np.uint8), spacing
-
-
-def minmax(image: np.ndarray) -> np.ndarray:
-    """Per-volume min-max to float32 [0, 1] (any shape); a constant image becomes all zeros."""
-    lo, hi = float(image.min()), float(image.max())
-    return ((image - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float32)
-
-
-# ---------------------------------------------------------------- command line
-
-PREPARERS = {"acdc": prepare_acdc}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m datamodules.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("dataset", help="dataset to convert (implemented: acdc)")
-    parser.add_argument("raw", help="folder of the official release")
-    parser.add_argument("out", help="output folder (the DataModule's data.root)")
-    parser.add_argument("--split-from", default=None,
-                        help="folder with train.list/val.list/test.list to copy (e.g. ../shared/data/ACDC)")
-    args = parser.parse_args(argv)
-    try:
-        if args.dataset not in PREPARERS:
-            raise PrepareError(f"not implemented yet: acdc is the only dataset (got {args.dataset!r})")
-        counts = PREPARERS[args.dataset](args.raw, args.out, split_from=args.split_from)
-    except PrepareError as err:
-        print(f"lemis: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"wrote {counts['volumes']} volumes ({counts['patients']} patients) and "
-          f"{counts['slices']} training slices to {args.out}")
-
-
-if __name__ == "__main__":
-    main()

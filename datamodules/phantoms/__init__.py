@@ -1,0 +1,56 @@
+"""Small generated datasets in exactly the community layouts (`spec/datasets.md`), for tests and the demo.
+
+- ``make_acdc``: the SSL4MIS ACDC layout. Each patient has an ED (frame01) and an ES (frame02) frame of a
+  short-axis stack (slice 0 = base, last slice = apex): LV cavity (3) = filled ellipse, myocardium (2) = ring
+  around it, RV (1) = crescent against the septum that ends before the apex. At ES the cavity shrinks and the
+  wall thickens (myocardial area is kept). Images: bright blood, dark myocardium, thorax with fat/organ blobs,
+  partial volume blur, smooth bias field, Rician noise, then per-volume min-max to [0, 1] as SSL4MIS.
+- ``make_la``: the UA-MT LA layout. A left atrium = smooth union of ellipsoids with pulmonary-vein stubs,
+  bright in a textured thorax with a bright aorta, bias and noise; z-scored over a larger field of view and
+  cropped around the atrium as UA-MT did, so the stored crop has a positive mean like the real files.
+
+Every file is written atomically; ``ensure_phantoms`` caches a generated root behind a ``.complete`` marker.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+from datamodules.phantoms import acdc, la
+from datamodules.phantoms.acdc import make_acdc
+from datamodules.phantoms.la import LA_FOLDER, make_la
+from lemis.files import atomic_path
+
+__all__ = ["LA_FOLDER", "MARKER", "PHANTOMS", "ensure_phantoms", "make_acdc", "make_la"]
+
+MARKER = ".complete"
+# DataModule class path -> (phantom kind, maker, the data options that shrink its experiments for tests)
+PHANTOMS = {"datamodules.acdc.ACDCDataModule": ("acdc", make_acdc, acdc.TEST_SIZE),
+            "datamodules.la.LADataModule": ("la", make_la, la.TEST_SIZE)}
+
+_MAKERS = {kind: maker for kind, maker, _ in PHANTOMS.values()}
+
+
+def ensure_phantoms(kind: str, root, **kw) -> Path:
+    """Generate the ``kind`` ("acdc" or "la") phantom in ``root`` unless ``root/.complete`` is there.
+
+    The marker is written last and records the parameters, so an interrupted generation is redone on the next
+    call, and a root made with other parameters is refused rather than silently reused.
+    """
+    if kind not in _MAKERS:
+        raise ValueError(f"unknown phantom kind {kind!r}: expected one of {sorted(_MAKERS)}")
+    root = Path(root)
+    bound = inspect.signature(_MAKERS[kind]).bind(root, **kw)
+    bound.apply_defaults()
+    params = json.dumps({"kind": kind, **{k: v for k, v in bound.arguments.items() if k != "root"}}, sort_keys=True)
+    marker = root / MARKER
+    if marker.exists():
+        if marker.read_text() != params:
+            raise ValueError(f"{root} holds a phantom made with {marker.read_text()}, not {params}: "
+                             f"delete the folder or choose another root")
+        return root
+    _MAKERS[kind](root, **kw)
+    with atomic_path(marker) as tmp:
+        tmp.write_text(params)
+    return root

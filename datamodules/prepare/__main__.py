@@ -1,0 +1,3 @@
+from datamodules.prepare import main
+
+main()
