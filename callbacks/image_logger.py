@@ -8,7 +8,7 @@ import numpy as np
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image, ImageDraw
 
-from lemis.files import atomic_path
+from lemis.files import atomic_path, run_directory
 
 # RGB per class index (0 = background is transparent); enough for the 4-class cardiac and binary tasks.
 PALETTE = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 80], [60, 120, 240], [240, 200, 40]], dtype=np.float32)
@@ -80,7 +80,7 @@ class ImageLogger(L.Callback):
         k, step = self.every_n_train_steps, trainer.global_step
         if not k or step % k or example is None:
             return
-        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        log_dir = run_directory(trainer)
         if not trainer.is_global_zero or not log_dir:
             return
         arrays = {name: value.detach().cpu().numpy() for name, value in example().items()}
@@ -89,23 +89,23 @@ class ImageLogger(L.Callback):
         image = arrays.pop("image")
         idx = [0] if flat else middle_slices(image, self.n_slices)
         picture = panel(image[idx], {name: a[idx] for name, a in arrays.items()})
-        self._publish(trainer, Path(log_dir), picture, f"train_step{step}", "train/overlay",
+        self._publish(trainer, log_dir, picture, f"train_step{step}", "train/overlay",
                       " | ".join(["image", *arrays]))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        log_dir = run_directory(trainer)
         example = getattr(pl_module, "example", None)
         if not trainer.is_global_zero or trainer.sanity_checking or not log_dir or example is None:
             return
         volume, label, pred = (np.moveaxis(example[k], self.axis, 0) for k in ("image", "label", "prediction"))
         idx = middle_slices(volume, self.n_slices)
         picture = panel(volume[idx], {"ground truth": label[idx], "prediction": pred[idx]})
-        self._publish(trainer, Path(log_dir), picture, f"val_step{trainer.global_step}", "val/overlay",
+        self._publish(trainer, log_dir, picture, f"val_step{trainer.global_step}", "val/overlay",
                       f"{example['case']}: image | ground truth | prediction")
 
     @staticmethod
     def _publish(trainer, log_dir: Path, picture: Image.Image, name: str, key: str, caption: str) -> None:
-        """PNG under ``log_dir`` (asked by every rank before: ``trainer.log_dir`` is a collective) and W&B."""
+        """PNG under ``log_dir`` (``run_directory``, asked by every rank before) and W&B."""
         save_png(picture, log_dir / "images" / f"{name}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -6,7 +6,7 @@ from pathlib import Path
 import h5py
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lemis.files import atomic_path
+from lemis.files import atomic_path, run_directory
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -18,7 +18,7 @@ class PredictionWriter(BasePredictionWriter):
         self.folder = folder
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self.out = Path(trainer.log_dir or ".") / self.folder  # log_dir is a collective under DDP: ask once
+        self.out = (run_directory(trainer) or Path(".")) / self.folder
         self.out.mkdir(parents=True, exist_ok=True)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,

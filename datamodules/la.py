@@ -12,8 +12,8 @@ import torch
 
 from datamodules.base import SegmentationDataModule
 from datamodules.readers import read_list
-from lemis.errors import ConfigError
 from datamodules.transforms import la_train_transform
+from lemis.errors import ConfigError
 
 
 class LADataModule(SegmentationDataModule):

@@ -14,9 +14,9 @@ import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
-from lemis.errors import LemisError
 from experiments.cli import Interrupted, LemisCLI, config_error_sentence
 from experiments.host_memory import keep_freed_memory
+from lemis.errors import LemisError
 
 # Library chatter that says nothing about the user's run.
 for _pattern in (r".*isinstance\(treespec, LeafSpec\).*", r".*smaller than the logging interval.*",

@@ -21,7 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -45,14 +48,12 @@ SHAPES = {
     "quick": [("acdc2d", (64, 64), 4, 4, True), ("la3d", (32, 32, 32), 1, 1, False)],
     "full": [("acdc2d", (256, 256), 12, 12, True), ("la3d", (112, 112, 80), 2, 2, False)],
 }
-METHODS = ("supervised", "mean_teacher", "sgrs")
-TEACHER_METHODS = ("mean_teacher", "sgrs")
 
 
 def fixed_batch(method: str, classes: int, shape, n_lab: int, n_unl: int, device) -> dict:
     """One in-memory training batch in the DataModule's format (two streams for the teacher methods)."""
     g = torch.Generator().manual_seed(0)
-    two_streams = method in TEACHER_METHODS
+    two_streams = METHODS[method].reference_loss is not None
     lab = {"image": torch.randn(n_lab if two_streams else n_lab + n_unl, 1, *shape, generator=g), "case": ["x"]}
     lab["label"] = torch.randint(0, classes, (lab["image"].shape[0], *shape), generator=g)
     lab = {k: v.to(device) if torch.is_tensor(v) else v for k, v in lab.items()}
@@ -60,15 +61,6 @@ def fixed_batch(method: str, classes: int, shape, n_lab: int, n_unl: int, device
         return lab
     unl = {"image": torch.randn(n_unl, 1, *shape, generator=g).to(device), "case": ["x"]}
     return {"labeled": lab, "unlabeled": unl}
-
-
-def build_module(method: str, net, classes: int, dice_bg: bool):
-    kwargs = dict(net=net, num_classes=classes, dice_include_background=dice_bg)
-    if method == "mean_teacher":
-        return MeanTeacher(consistency_gate_steps=0, **kwargs)  # the consistency term is on in every step timed
-    if method == "sgrs":
-        return SGRS(**kwargs)
-    return Supervised(**kwargs)
 
 
 class _Clock(L.Callback):
@@ -160,11 +152,28 @@ def sgrs_loss(net, teacher, batch, step: int, dice_bg: bool) -> torch.Tensor:
             + losses.consistency_weight(step, 1.0, 40, 150) * 0.5 * (ce + dice))
 
 
+@dataclass
+class Bench:
+    """A benchmarked method: its module, and the plain loop's loss for it (None: the supervised loss alone,
+    a labeled-only batch; otherwise a two-stream batch and an EMA teacher)."""
+
+    build: Callable[..., L.LightningModule]
+    reference_loss: Callable | None = None
+
+
+METHODS = {
+    "supervised": Bench(Supervised),
+    # the consistency term is on in every step timed
+    "mean_teacher": Bench(partial(MeanTeacher, consistency_gate_steps=0), mean_teacher_loss),
+    "sgrs": Bench(SGRS, sgrs_loss),
+}
+
+
 def reference_block(method: str, net, batch, warmup: int, steps: int, dice_bg: bool, device) -> float:
     """Steps/s of a plain PyTorch loop doing the same arithmetic as the module + callbacks."""
     net = net.to(device).train()
-    teacher = copy.deepcopy(net).requires_grad_(False) if method in TEACHER_METHODS else None
-    step_loss = {"mean_teacher": mean_teacher_loss, "sgrs": sgrs_loss}.get(method)
+    step_loss = METHODS[method].reference_loss
+    teacher = copy.deepcopy(net).requires_grad_(False) if step_loss else None
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     scheduler = Poly(optimizer, total_steps=warmup + steps)  # the module's default, over the Trainer's max_steps
     for step in range(warmup + steps):
@@ -208,7 +217,8 @@ def speed(args) -> None:
                 for side in ("fw", "ref") if block % 2 == 0 else ("ref", "fw"):
                     torch.manual_seed(0)
                     if side == "fw":
-                        module = build_module(method, make_net(), classes, dice_bg)
+                        module = METHODS[method].build(net=make_net(), num_classes=classes,
+                                                       dice_include_background=dice_bg)
                         fw.append(framework_block(module, batch, args.warmup, args.steps, accelerator))
                     else:
                         ref.append(reference_block(method, make_net(), batch, args.warmup, args.steps, dice_bg, device))

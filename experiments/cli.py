@@ -30,8 +30,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core import rank_zero as lightning_rank_zero
 
 from callbacks.checkpoint import last_checkpoints, newest
-from lemis.errors import ConfigError, LemisError
 from experiments import run_directory
+from lemis.errors import ConfigError, LemisError
 
 # Keys a resumed run may change without changing what it computes: where it logs, how it shows progress, how
 # many loader workers feed it (batches do not depend on them), and the resume options themselves.

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 from callbacks.image_logger import middle_slices, panel, save_png
-from lemis.errors import LemisError
 from datamodules.phantoms import ensure_phantoms
 from experiments.cli import LemisCLI
+from lemis.errors import LemisError
 
 ROOT = Path(".cache/phantoms/acdc")
 PHANTOM = dict(n_train=20, n_val=4, n_test=2, size=(64, 64), seed=0)

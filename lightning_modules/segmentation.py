@@ -26,6 +26,7 @@ from torch import nn
 
 from datamodules.transforms import zoom_nearest_torch
 from lemis.errors import ConfigError
+from lemis.files import run_directory
 from lightning_modules import losses
 from lightning_modules.metrics import case_metrics, summarize, write_rows_csv
 from lightning_modules.schedules import Poly
@@ -358,10 +359,10 @@ class SegmentationModule(L.LightningModule):
             if not (isinstance(value, float) and math.isnan(value)):
                 self.log(f"{stage}/{key}", float(value), sync_dist=False, rank_zero_only=False)
         self.log("step", float(self.global_step), sync_dist=False, rank_zero_only=False)  # see log_step
-        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        log_dir = run_directory(self.trainer)
         if self.trainer.is_global_zero and log_dir and not self.trainer.sanity_checking:
             step_rows = [{"step": self.global_step, **r} for r in rows]
-            write_rows_csv(step_rows, Path(log_dir) / f"per_case_{stage}.csv")
+            write_rows_csv(step_rows, log_dir / f"per_case_{stage}.csv")
         self.last_summary = {stage: summary}
 
     def validation_step(self, case: dict, batch_idx: int) -> None:

@@ -8,8 +8,8 @@ import torch
 
 from datamodules.acdc import ACDCDataModule
 from datamodules.budget import select_labeled
-from lemis.errors import ConfigError, DataError
 from datamodules.la import LADataModule
+from lemis.errors import ConfigError, DataError
 from tests.conftest import real
 
 
@@ -114,7 +114,8 @@ def test_corrupt_h5(acdc_phantom, tmp_path):
 
 def test_missing_file(acdc_phantom, tmp_path):
     dm, path = _copy_with(acdc_phantom, tmp_path, lambda p: p.unlink())
-    with pytest.raises(DataError, match=rf"1 of the .* files named by train_slices.list are missing \(first: .*{path.name}\)"):
+    missing = rf"1 of the .* files named by train_slices.list are missing \(first: .*{path.name}\)"
+    with pytest.raises(DataError, match=missing):
         dm.setup("fit")
 
 
@@ -134,7 +135,8 @@ def test_label_out_of_range(acdc_phantom, tmp_path):
     ({"labeled": 0}, r"data\.init_args\.labeled=0 is impossible"),
     ({"labeled": 99}, r"data\.init_args\.labeled=99 is impossible"),
     ({"labeled": 6}, r"leaves no unlabeled training data"),
-    ({"labeled_batch_size": 9}, r"data\.init_args\.labeled_batch_size=9 must be between 1 and data\.init_args\.batch_size=4"),
+    ({"labeled_batch_size": 9},
+     r"data\.init_args\.labeled_batch_size=9 must be between 1 and data\.init_args\.batch_size=4"),
 ])
 def test_impossible_budget_or_batch(acdc_phantom, kw, message):
     with pytest.raises(ConfigError, match=message):

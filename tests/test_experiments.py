@@ -140,3 +140,21 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(acdc_phantom, l
     state = torch.load(ckpt, weights_only=False)
     assert state["global_step"] == 3 and all(torch.isfinite(v).all() for v in state["state_dict"].values()
                                                   if v.is_floating_point())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "experiments")))
+def test_every_experiment_has_the_callbacks_a_run_relies_on(config):
+    """RNGState and NonFiniteGuard, exactly one ResumableCheckpoint writing last.ckpt, and the teacher callback
+    for every teacher method (contracts.TeacherMethod)."""
+    import importlib
+
+    cfg = yaml.safe_load(config.read_text())
+    callbacks = [c["class_path"] for c in cfg["trainer"]["callbacks"]]
+    assert "callbacks.rng_state.RNGState" in callbacks and "callbacks.guards.NonFiniteGuard" in callbacks
+    last = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ResumableCheckpoint")
+            and c.get("init_args", {}).get("save_last")]
+    assert len(last) == 1
+    module_path, name = cfg["model"]["class_path"].rsplit(".", 1)
+    model_class = getattr(importlib.import_module(module_path), name)
+    if hasattr(model_class, "teacher_alpha"):
+        assert "callbacks.ema_teacher.EMATeacher" in callbacks

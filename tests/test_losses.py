@@ -106,8 +106,8 @@ def test_step_lr_follows_ua_mt_boundaries():
 
 def test_warmup_cosine():
     # W = 2, T = 6: (t + 1)/2 for t < 2, then 0.1 + 0.9 (1 + cos(pi (t - 2)/4))/2
-    expected = [0.5, 1.0, 1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 4)), 0.55, 0.1 + 0.45 * (1 + math.cos(0.75 * math.pi)),
-                0.1]
+    expected = [0.5, 1.0, 1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 4)), 0.55,
+                0.1 + 0.45 * (1 + math.cos(0.75 * math.pi)), 0.1]
     assert _factors(WarmupCosine, 7, total_steps=6, warmup_steps=2, min_factor=0.1) == pytest.approx(expected)
     with pytest.raises(ValueError, match="warmup_steps < total_steps"):
         WarmupCosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), total_steps=3, warmup_steps=3)

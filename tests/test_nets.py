@@ -8,17 +8,15 @@ import torch.nn.functional as F
 from monai.networks import nets as monai_nets
 from torch import nn
 
-from lightning_modules.nets import UNet2D, VNet
+from lightning_modules.nets import REGISTRY, UNet2D, VNet
 
 
 def n_params(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-# (factory, input shape [B, C, *spatial], number of classes); MONAI nets stand in for "any net by class".
-NETS = [
-    pytest.param(lambda: UNet2D(1, 4), (2, 1, 64, 64), 4, id="UNet2D"),
-    pytest.param(lambda: VNet(1, 2, has_dropout=True), (2, 1, 32, 32, 32), 2, id="VNet"),
+# Every registered lemis net, and MONAI nets standing in for "any net by class_path".
+NETS = [pytest.param(*entry, id=name) for name, entry in REGISTRY.items()] + [
     pytest.param(
         lambda: monai_nets.UNet(
             spatial_dims=2, in_channels=1, out_channels=4, channels=(8, 16, 32), strides=(2, 2), num_res_units=1
@@ -36,17 +34,26 @@ NETS = [
 ]
 
 
+def flat_outputs(output) -> list[torch.Tensor]:
+    """Every tensor of a net's output (a tensor, or a tuple/list/dict of them, nested)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output
+    return [t for value in values for t in flat_outputs(value)]
+
+
 @pytest.mark.parametrize(("factory", "shape", "num_classes"), NETS)
 def test_forward_backward_reaches_every_parameter(factory, shape, num_classes):
     torch.manual_seed(0)
     net = factory().train()
     x = torch.randn(shape)
-    logits = net(x)
+    outputs = flat_outputs(net(x))
+    logits = outputs[0]
     assert logits.shape == (shape[0], num_classes, *shape[2:])
-    assert torch.isfinite(logits).all()
+    assert all(torch.isfinite(t).all() for t in outputs)
 
     target = torch.randint(num_classes, (shape[0], *shape[2:]))
-    F.cross_entropy(logits, target).backward()
+    (F.cross_entropy(logits, target) + sum(t.float().mean() for t in outputs[1:])).backward()
     # A parameter with no gradient sits on a branch that forward() never uses.
     no_grad = [name for name, p in net.named_parameters() if p.grad is None]
     assert not no_grad, f"parameters without gradient: {no_grad}"

@@ -15,8 +15,8 @@ from scipy import ndimage as ndi
 from datamodules.phantoms import LA_FOLDER, MARKER, ensure_phantoms, make_acdc, make_la
 from datamodules.prepare import main
 from datamodules.prepare.acdc import prepare_acdc
-from datamodules.writers import write_h5
 from datamodules.readers import read_list
+from datamodules.writers import write_h5
 
 REPO = Path(__file__).resolve().parents[1]
 SQUARE = np.ones((3, 3), bool)  # 8-connected one-pixel dilation

@@ -60,7 +60,8 @@ def config(tmp_path: Path) -> Path:
 def fit(cfg: Path, root: Path, out: Path, *extra: str, kill: str | None = None) -> subprocess.CompletedProcess:
     args = ["--config", str(cfg), f"--data.init_args.root={root}", "--data.init_args.patch_size=[32, 32]",
             "--data.init_args.labeled=2", "--data.init_args.batch_size=6", "--data.init_args.labeled_batch_size=2",
-            "--data.init_args.num_workers=0", "--model.init_args.optimizer.init_args.lr=0.001",  # keeps validation Dice above 0
+            "--data.init_args.num_workers=0",
+            "--model.init_args.optimizer.init_args.lr=0.001",  # keeps validation Dice above 0
             f"--trainer.max_steps={STEPS}", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=1",
             "--trainer.accelerator=cpu", "--trainer.deterministic=true", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={out}", *extra]

@@ -17,9 +17,9 @@ import torch
 import yaml
 
 from datamodules.budget import budget_count
-from lemis.errors import ConfigError
 from experiments.__main__ import main
 from experiments.cli import LemisCLI
+from lemis.errors import ConfigError
 from tests.conftest import REPO
 from tests.test_experiments import phantom_args
 
@@ -117,10 +117,10 @@ def test_evaluating_another_method_s_checkpoint_is_refused(untouched, capsys):
 
 
 def test_resume_under_another_configuration_is_refused(untouched, capsys):
-    sentence = refused(capsys, ["fit", *untouched["args"], "--ckpt_path=last", "--model.init_args.optimizer.init_args.lr=0.02",
-                                "--data.init_args.labeled=3"],
-                       str(untouched["ckpt"]), "model.init_args.optimizer.init_args.lr: 0.01 -> 0.02", "data.init_args.labeled: 2 -> 3",
-                       "--allow_config_change=true")
+    sentence = refused(capsys, ["fit", *untouched["args"], "--ckpt_path=last",
+                                "--model.init_args.optimizer.init_args.lr=0.02", "--data.init_args.labeled=3"],
+                       str(untouched["ckpt"]), "model.init_args.optimizer.init_args.lr: 0.01 -> 0.02",
+                       "data.init_args.labeled: 2 -> 3", "--allow_config_change=true")
     assert "num_workers" not in sentence
 
 
@@ -145,7 +145,8 @@ def test_explicit_version_that_exists_is_refused(untouched, capsys):
 
 def _fit_process(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "experiments", "fit", *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_two_runs_started_together_get_their_own_directories(acdc_phantom, la_phantom, tmp_path):

@@ -14,8 +14,18 @@ from torch import nn
 from callbacks.ema_teacher import EMATeacher, weight_ema_step
 from experiments.cli import LemisCLI
 from lightning_modules import losses
-from lightning_modules.sgrs import (SGRS, draw_mix, foreground_dice, masked_soft_dice, mix, region_map, regional_ce,
-                                    sgrs_code_dice, synergy_regions, uncertain)
+from lightning_modules.sgrs import (
+    SGRS,
+    draw_mix,
+    foreground_dice,
+    masked_soft_dice,
+    mix,
+    region_map,
+    regional_ce,
+    sgrs_code_dice,
+    synergy_regions,
+    uncertain,
+)
 from tests.conftest import REPO
 from tests.test_experiments import phantom_args
 
@@ -239,7 +249,8 @@ def test_sgrs_logs_regions_and_draws_them(config, acdc_phantom, la_phantom, tmp_
     cfg = yaml.safe_load((REPO / "experiments" / config).read_text())
     logger = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ImageLogger"))
     logger["init_args"]["every_n_train_steps"] = 1
-    next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("EMATeacher"))["init_args"]["mode"] = "double"
+    ema = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("EMATeacher"))
+    ema["init_args"]["mode"] = "double"
     (tmp_path / "sgrs.yaml").write_text(yaml.safe_dump(cfg))
     args = phantom_args(tmp_path / "sgrs.yaml", acdc_phantom, la_phantom, tmp_path)
     cli = LemisCLI(args=["fit", *args, "--trainer.log_every_n_steps=1"])

@@ -5,8 +5,15 @@ import pytest
 import torch
 from scipy import ndimage
 
-from datamodules.transforms import (acdc_train_transform, pad_for_crop, random_crop, random_rot_flip, random_rotate,
-                                    zoom_nearest, zoom_nearest_torch)
+from datamodules.transforms import (
+    acdc_train_transform,
+    pad_for_crop,
+    random_crop,
+    random_rot_flip,
+    random_rotate,
+    zoom_nearest,
+    zoom_nearest_torch,
+)
 
 # ACDC slice sizes of the 20 val volumes (154 and 232 are where scipy zeroes the last row/column from 128)
 SIZES = [(128, 154), (128, 232), (154, 128), (232, 128), (256, 216), (128, 256), (208, 128), (64, 37), (7, 64)]

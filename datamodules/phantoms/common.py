@@ -6,6 +6,7 @@ import math
 import numpy as np
 from scipy import ndimage as ndi
 
+
 def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma) -> np.ndarray:
     """Gaussian-filtered white noise of ``shape`` with unit standard deviation (float32)."""
     field = ndi.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, mode="wrap")
