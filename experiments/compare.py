@@ -283,12 +283,7 @@ def plot(spec: Spec, done: dict) -> None:
                         lw=2, label=f"{method} ({len(curves)} seeds)")
         ax.set(xlabel="step", ylabel=f"{spec.stage} Dice %", title=f"{spec.name}" + (
             "" if budget is None else f", {budget} labeled"))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    with atomic_path(spec.out / "curves.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, spec.out / "curves.png")
     if len(spec.budgets) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in spec.methods:
@@ -300,12 +295,20 @@ def plot(spec: Spec, done: dict) -> None:
                             yerr=[np.std(v) for _, v in points], color=colours[method], marker="o", capsize=3,
                             label=method)
         ax.set(xlabel="labeled patients/cases", ylabel=f"{spec.stage} Dice % (last checkpoint)")
+        save_figure(fig, spec.out / "budgets.png")
+
+
+def save_figure(fig, path: Path) -> None:
+    """Grid and legend on every axis, then the PNG, atomically."""
+    import matplotlib.pyplot as plt
+
+    for ax in fig.axes:
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        with atomic_path(spec.out / "budgets.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
 
 
 # ---- command line ------------------------------------------------------------------------------------------------

@@ -10,24 +10,19 @@ from __future__ import annotations
 
 import importlib
 
-PRIVATE = [
-    ("lightning.pytorch.callbacks.ModelCheckpoint", "_every_n_train_steps", "ResumableCheckpoint"),
-    ("lightning.pytorch.callbacks.ModelCheckpoint", "_monitor_candidates", "ResumableCheckpoint"),
-    ("lightning.pytorch.callbacks.ModelCheckpoint", "_save_topk_checkpoint", "ResumableCheckpoint"),
-    ("lightning.pytorch.callbacks.ModelCheckpoint", "_save_last_checkpoint", "ResumableCheckpoint"),
-    ("lightning.pytorch.callbacks.ModelCheckpoint", "_should_skip_saving_checkpoint", "ResumableCheckpoint"),
-    ("lightning.pytorch.callbacks.ModelCheckpoint", "_save_checkpoint", "ResumableCheckpoint"),
-    ("lightning.pytorch.callbacks.ModelCheckpoint", "_find_last_checkpoints", "ResumableCheckpoint"),
-    ("lightning.pytorch.callbacks.ModelCheckpoint", "_last_checkpoint_saved", "ResumableCheckpoint"),
-    ("lightning.pytorch.loops.training_epoch_loop._TrainingEpochLoop", "_should_check_val_fx",
-     "ResumableCheckpoint"),
-    ("lightning.pytorch.loops.fit_loop._FitLoop", "_data_fetcher", "ResumableCheckpoint"),
-    ("lightning.pytorch.cli.LightningCLI", "_parse_ckpt_path", "LemisCLI"),
-    ("lightning.pytorch.cli.LightningCLI", "_run_subcommand", "LemisCLI"),
-    ("lightning.pytorch.cli.LightningCLI", "_prepare_subcommand_parser", "LemisCLI"),
-    ("lightning.pytorch.cli.LightningCLI", "_subcommand_parsers", "LemisCLI"),
-    ("lightning.pytorch.loggers.CSVLogger", "_version", "run_directory.claim"),
-]
+_USED = {  # owner -> (members, the lemis piece that uses them)
+    "lightning.pytorch.callbacks.ModelCheckpoint": (
+        ("_every_n_train_steps", "_monitor_candidates", "_save_topk_checkpoint", "_save_last_checkpoint",
+         "_should_skip_saving_checkpoint", "_save_checkpoint", "_find_last_checkpoints", "_last_checkpoint_saved"),
+        "ResumableCheckpoint"),
+    "lightning.pytorch.loops.training_epoch_loop._TrainingEpochLoop": (("_should_check_val_fx",),
+                                                                       "ResumableCheckpoint"),
+    "lightning.pytorch.loops.fit_loop._FitLoop": (("_data_fetcher",), "ResumableCheckpoint"),
+    "lightning.pytorch.cli.LightningCLI": (("_parse_ckpt_path", "_run_subcommand", "_prepare_subcommand_parser",
+                                            "_subcommand_parsers"), "LemisCLI"),
+    "lightning.pytorch.loggers.CSVLogger": (("_version",), "run_directory.claim"),
+}
+PRIVATE = [(owner, name, user) for owner, (names, user) in _USED.items() for name in names]
 
 
 def missing() -> list[str]:

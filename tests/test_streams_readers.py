@@ -1,5 +1,5 @@
-"""Declared streams and pluggable readers: labels of unlabeled items are never read, a DataModule adds a stream by
-declaring it, the targets hook runs before the label check, NIfTI files are read with their geometry."""
+"""Declared streams and pluggable readers: labels of unlabeled items are never read, the targets hook runs
+before the label check, NIfTI files are read with their geometry (a third stream: tests/test_example_method.py)."""
 import nibabel as nib
 import numpy as np
 import pytest
@@ -7,7 +7,6 @@ import torch
 
 from datamodules.acdc import ACDCDataModule
 from datamodules.readers import H5Reader, NiftiReader
-from datamodules.streams import Stream
 from lemis.errors import DataError
 
 
@@ -31,27 +30,6 @@ def test_unlabeled_labels_are_never_read(acdc_phantom):
     assert "label" in batch["labeled"] and "label" not in batch["unlabeled"]
     unlabeled = {str(dm.train_path(i)) for i in dm.datasets["unlabeled"].items}
     assert unlabeled and all(dm.reader.asked[path] == {"image"} for path in unlabeled)
-
-
-class ThreeStreams(ACDCDataModule):
-    """A third stream: the labeled slices again, images only, batch 1 (e.g. a method's extra view)."""
-
-    @property
-    def stream_names(self):
-        return ("labeled", "unlabeled", "extra")
-
-    def streams(self):
-        labeled, unlabeled = super().streams()
-        return [labeled, unlabeled, Stream("extra", labeled.items, ("image",), 1)]
-
-
-def test_a_datamodule_declares_a_third_stream(acdc_phantom):
-    dm = ThreeStreams(str(acdc_phantom), labeled=2, batch_size=4, labeled_batch_size=2, patch_size=(32, 32),
-                      num_workers=0)
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))[0]
-    assert list(batch) == ["labeled", "unlabeled", "extra"]
-    assert batch["extra"]["image"].shape == (1, 1, 32, 32) and "label" not in batch["extra"]
 
 
 class Stored4(ACDCDataModule):

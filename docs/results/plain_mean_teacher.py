@@ -103,23 +103,18 @@ def evaluate(net, volumes, size, classes):
     return out
 
 
+OPTIONS = {"root": "../shared/data/ACDC", "seed": 1, "steps": 800, "size": 128, "batch": 12, "labeled-bs": 6,
+           "patients": 7, "consistency": 0.1, "gate": 27, "epoch-len": 4, "ramp": 200.0, "val-every": 100,
+           "threads": 1}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--root", default="../shared/data/ACDC")
     ap.add_argument("--method", choices=["sup", "mt"], required=True)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=12)
-    ap.add_argument("--labeled-bs", type=int, default=6, help="mt only; sup draws --batch labeled slices")
-    ap.add_argument("--patients", type=int, default=7)
-    ap.add_argument("--consistency", type=float, default=0.1)
-    ap.add_argument("--gate", type=int, default=27)
-    ap.add_argument("--epoch-len", type=int, default=4)
-    ap.add_argument("--ramp", type=float, default=200)
-    ap.add_argument("--val-every", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, required=True)
+    # --labeled-bs is MT's labeled half; labeled-only draws --batch labeled slices
+    for name, default in OPTIONS.items():
+        ap.add_argument(f"--{name}", type=type(default), default=default)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
