@@ -34,7 +34,7 @@ class SegmentationDataModule(L.LightningDataModule):
     Args:
         root: dataset folder in its community layout.
         num_classes: K, background included; every label read is checked against it.
-        labeled: label budget (patients/cases, or a fraction).
+        labeled: label budget (patients/cases, or a fraction; unset: every training case is labeled).
         split_rule, split_seed: ``first`` (published) or ``random`` with a seed.
         batch_size: total training batch; labeled_batch_size: its labeled part (unset: labeled-only stream).
         patch_size: training patch (2D slice size or 3D crop).
@@ -51,7 +51,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self,
         root: str,
         num_classes: int,
-        labeled: int | float,
+        labeled: int | float | None = None,
         split_rule: str = "first",
         split_seed: int = 0,
         batch_size: int = 24,

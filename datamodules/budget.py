@@ -12,8 +12,11 @@ def budget_count(budget, n_groups: int) -> int:
     """Number of labeled groups of a budget: an integer is a count, a float in (0, 1] a fraction of the groups.
 
     ``labeled: 7`` is 7 patients, ``labeled: 0.1`` of 70 patients is 7 and ``labeled: 1.0`` all of them; a float
-    outside (0, 1] (``2.5``, ``7.0``) is an error rather than a silent truncation to a count.
+    outside (0, 1] (``2.5``, ``7.0``) is an error rather than a silent truncation to a count. None: every group
+    (a dataset without a budget: all its training cases are labeled).
     """
+    if budget is None:
+        return n_groups
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise ConfigError(f"data.init_args.labeled must be a count (integer) or a fraction in (0, 1], got {budget!r}.")
     if isinstance(budget, float):
@@ -24,7 +27,7 @@ def budget_count(budget, n_groups: int) -> int:
     return budget
 
 
-def select_labeled(groups: list[str], budget: int | float, rule: str = "first", seed: int = 0) -> list[str]:
+def select_labeled(groups: list[str], budget: int | float | None, rule: str = "first", seed: int = 0) -> list[str]:
     """The labeled groups (patients / cases) of a budget, from ``groups`` in order of first appearance.
 
     budget: see ``budget_count``. rule ``first``: the first N groups in file order (reproduces SSL4MIS's

@@ -141,7 +141,10 @@ def config(tmp_path: Path, root: Path) -> Path:
                                   {"class_path": "callbacks.rng_state.RNGState"},
                                   {"class_path": "tests.test_resume.KillAt"},
                                   {"class_path": "callbacks.checkpoint.ResumableCheckpoint",
-                                   "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 1}}]},
+                                   "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 1}},
+                                  {"class_path": "callbacks.checkpoint.ResumableCheckpoint",  # best, by epoch
+                                   "init_args": {"monitor": "val/fg_dice/mean", "mode": "max", "every_n_epochs": 1,
+                                                 "save_last": False, "filename": "best-{epoch}"}}]},
         "model": {"class_path": "tests.test_example_method.ExampleMethod", "init_args": {
             "net": {"class_path": "tests.test_example_method.TwoHeadNet"}, "num_classes": 2,
             "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
@@ -185,6 +188,7 @@ def test_example_method_runs_everything(tmp_path):
     assert state["global_step"] == EPOCHS * 3
     scheduler = state["lr_schedulers"][0]
     assert scheduler["last_epoch"] == EPOCHS and scheduler["total_steps"] == EPOCHS  # stepped by epoch
+    assert len(list((run / "checkpoints").glob("best-epoch=*.ckpt"))) == 1  # epoch-based selection
     per_case = rows(run / "per_case_val.csv")
     assert [r["case"] for r in per_case] == ["case4", "case5"] and set(per_case[0]) == {"case", "fg_dice",
                                                                                         "volume_ratio"}

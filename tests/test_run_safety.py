@@ -257,6 +257,7 @@ def test_bad_option_is_one_sentence(override, needle, untouched, capsys):
 
 def test_budget_count_types():
     assert budget_count(7, 70) == 7 and budget_count(0.1, 70) == 7 and budget_count(1.0, 70) == 70
+    assert budget_count(None, 70) == 70
     for bad in (2.5, 7.0, 0.0, -0.5, True, "7"):
         with pytest.raises(ConfigError, match="data.init_args.labeled"):
             budget_count(bad, 70)
