@@ -1,6 +1,7 @@
 """`python -m experiments.compare`: run a cross-method comparison and tabulate it; tabulate finished runs.
 
     python -m experiments.compare run experiments/compare/acdc_cpu.yaml [--jobs 2] [--seeds 1 2 3] [--methods ...]
+    python -m experiments.compare run experiments/compare/acdc_gpu.yaml --devices 0 1 2 3  # a run per GPU
     python -m experiments.compare report experiments/compare/acdc_cpu.yaml      # tables + plots of what has run
     python -m experiments.compare summarize RUN_DIR [RUN_DIR ...] [--stage val]  # any runs, grouped by experiment
 
@@ -158,32 +159,39 @@ class Spec:
 
 # ---- running -----------------------------------------------------------------------------------------------------
 
-def run_all(spec: Spec, jobs: int, methods=None, seeds=None, threads: int | None = None) -> int:
+def run_all(spec: Spec, jobs: int, methods=None, seeds=None, threads: int | None = None,
+            devices: list[str] | None = None) -> int:
     """Start every unfinished run, ``jobs`` at a time with ``threads`` threads each (default: cores / jobs, so
     the runs never oversubscribe the cores: OpenMP threads spin-waiting on a busy core make a step ~15x slower);
-    return the number that failed."""
+    with ``devices`` (GPU ids), one run per device at a time, each seeing only its own (CUDA_VISIBLE_DEVICES).
+    Return the number that failed."""
+    if devices:
+        jobs = len(devices)
     todo = [r for r in spec.runs(methods, seeds) if not (spec.run_dir(*r) / DONE).is_file()]
     skipped = len(spec.runs(methods, seeds)) - len(todo)
     print(f"lemis compare {spec.name}: {len(todo)} runs to do, {skipped} finished before", flush=True)
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    running: list[tuple[subprocess.Popen, tuple, float]] = []
+    slots = list(devices or range(jobs))  # a free device (or, on CPU, a free job number) per run to start
+    running: list[tuple[subprocess.Popen, tuple, float, object]] = []
     failed = 0
     while todo or running:
-        while todo and len(running) < jobs:
+        while todo and slots:
             method, budget, seed = todo.pop(0)
             run = spec.run_dir(method, budget, seed)
             run.mkdir(parents=True, exist_ok=True)
+            slot = slots.pop(0)
             log = open(run / "compare.log", "a")
             process = subprocess.Popen(spec.command(method, budget, seed), stdout=log, stderr=subprocess.STDOUT,
-                                       env=env)
+                                       env=env | ({"CUDA_VISIBLE_DEVICES": str(slot)} if devices else {}))
             log.close()
-            running.append((process, (method, budget, seed), time.time()))
+            running.append((process, (method, budget, seed), time.time(), slot))
         for entry in list(running):
-            process, key, start = entry
+            process, key, start, slot = entry
             if process.poll() is None:
                 continue
             running.remove(entry)
+            slots.append(slot)
             run = spec.run_dir(*key)
             wall = time.time() - start
             if process.returncode == 0:
@@ -320,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("spec", type=Path)
     run.add_argument("--jobs", type=int, default=1, help="runs at a time")
     run.add_argument("--threads", type=int, help="threads per run (default: cores / jobs)")
+    run.add_argument("--devices", nargs="+", help="GPU ids: one run per GPU at a time (sets --jobs)")
     run.add_argument("--seeds", type=int, nargs="+", help="a subset of the spec's seeds")
     run.add_argument("--methods", nargs="+", help="a subset of the spec's methods")
     rep = sub.add_parser("report", help="tables and plots of the finished runs", allow_abbrev=False)
@@ -343,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             if unknown or args.jobs < 1:
                 raise ConfigError(f"--methods {sorted(unknown)} not in {args.spec}" if unknown
                                   else f"--jobs must be >= 1, got {args.jobs}.")
-            failed = run_all(spec, args.jobs, args.methods, args.seeds, args.threads)
+            failed = run_all(spec, args.jobs, args.methods, args.seeds, args.threads, args.devices)
         text = report(spec)
         with atomic_path(spec.out / "report.md") as tmp:
             tmp.write_text(text + "\n")

@@ -11,6 +11,7 @@ it runs again.
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -85,8 +86,10 @@ class Pipeline:
                 raise StageError(f"stage {stage.name} did not write {folder / missing[0]} (one of its declared "
                                  f"outputs).")
             wall = time.time() - start
+            # run_id: a rerun always changes the digest its readers recorded, even when its outputs and wall time
+            # come out the same (a rounded wall time alone made that depend on machine load)
             write_manifest(folder, stage.outputs, {"inputs": {n: manifest_digest(p) for n, p in inputs.items()},
-                                                   "wall_s": round(wall, 3)})
+                                                   "wall_s": round(wall, 3), "run_id": uuid.uuid4().hex})
             status[stage.name] = "done"
             log(f"lemis: stage {stage.name}: done in {wall:.1f} s")
         return status

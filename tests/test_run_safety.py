@@ -143,10 +143,16 @@ def test_explicit_version_that_exists_is_refused(untouched, capsys):
             "trainer.logger.init_args.version")
 
 
+def _default_sigint() -> None:
+    """In the child before exec: a shell without job control (CI, nohup, `cmd &`) starts background commands
+    with SIGINT ignored, the child inherits that, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _fit_process(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "experiments", "fit", *args], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_default_sigint)
 
 
 def test_two_runs_started_together_get_their_own_directories(acdc_phantom, la_phantom, tmp_path):
