@@ -14,10 +14,12 @@ Run r lives in ``<out>/<method>/labeled<B>_seed<S>/version_*``.
 
 The report scores the last checkpoint (the validation at the run's last step, ``per_case_<stage>.csv``):
 - per method and budget, Dice per class and mean over seeds, ``mean (min..max)``, as ``summarize`` computes it;
-- paired differences to the baseline (same seed and budget): per seed (difference of mean Dice), and per case
-  (difference of a case's mean Dice over classes, pooled over seeds), each with mean, standard deviation and
-  range; a method is ``better`` (``worse``) when every seed's difference is > 0 (< 0) and the per-case mean
-  difference exceeds twice its standard error, else ``within noise``;
+- paired differences to the baseline, and for each of the spec's ``contrasts`` ([method, reference] pairs, e.g.
+  a consistency weight on against it at 0) to its reference (same seed and budget): per seed (difference of mean
+  Dice), and per case (difference of a case's mean Dice over classes, pooled over seeds), each with mean,
+  standard deviation and range; with >= 3 seeds, a method is ``better`` (``worse``) when every seed's
+  difference is > 0 (< 0) and the per-case mean difference exceeds twice its standard error, else
+  ``within noise``; with fewer, ``undecided``;
 - ``curves.png``: validation Dice over steps per method (each seed thin, the seed mean thick); with several
   budgets also ``budgets.png``: Dice of the last checkpoint against the number of labeled patients/cases.
 """
@@ -41,7 +43,8 @@ from lemis.errors import ConfigError
 from lemis.files import atomic_path
 from lightning_modules.metrics import summarize
 
-SPEC_KEYS = {"name", "out", "seeds", "budgets", "baseline", "stage", "common", "methods"}
+SPEC_KEYS = {"name", "out", "seeds", "budgets", "baseline", "contrasts", "stage", "common", "methods"}
+MIN_SEEDS_FOR_VERDICT = 3  # fewer seeds cannot show that a difference holds across seeds
 DONE = "DONE"
 
 
@@ -121,6 +124,7 @@ class Spec:
     stage: str = "val"
     out: Path = Path("runs/compare")
     file: Path | None = None
+    contrasts: list[tuple[str, str]] = field(default_factory=list)  # extra (method, reference) pairs
 
     @classmethod
     def load(cls, path: Path) -> "Spec":
@@ -138,9 +142,14 @@ class Spec:
         for method, entry in raw["methods"].items():
             if not isinstance(entry, dict) or "config" not in entry or set(entry) - {"config", "overrides"}:
                 raise ConfigError(f"{path}: method {method!r} needs 'config' (and optionally 'overrides').")
+        contrasts = [tuple(pair) for pair in raw.get("contrasts") or []]
+        for pair in contrasts:
+            if len(pair) != 2 or set(pair) - set(raw["methods"]):
+                raise ConfigError(f"{path}: contrast {list(pair)} must name two of the methods {list(raw['methods'])}.")
         return cls(name=raw["name"], methods=raw["methods"], seeds=list(raw["seeds"]), baseline=raw["baseline"],
                    budgets=list(raw.get("budgets") or [None]), common=list(raw.get("common") or []),
-                   stage=raw.get("stage", "val"), out=Path(raw.get("out", "runs/compare")) / raw["name"], file=path)
+                   stage=raw.get("stage", "val"), out=Path(raw.get("out", "runs/compare")) / raw["name"], file=path,
+                   contrasts=contrasts)
 
     def run_dir(self, method: str, budget, seed: int) -> Path:
         return self.out / method / (f"seed{seed}" if budget is None else f"labeled{budget}_seed{seed}")
@@ -207,18 +216,20 @@ def run_all(spec: Spec, jobs: int, methods=None, seeds=None, threads: int | None
 
 # ---- the report --------------------------------------------------------------------------------------------------
 
-def paired(spec: Spec, method: str, budget, seeds: list[int]) -> dict:
-    """Differences method - baseline in points of Dice: per seed (mean Dice) and per (seed, case)."""
+def paired(spec: Spec, method: str, reference: str, budget, seeds: list[int]) -> dict:
+    """Differences method - reference in points of Dice: per seed (mean Dice) and per (seed, case)."""
     per_seed, per_case = [], []
     for seed in seeds:
         ours = last_rows(spec.run_dir(method, budget, seed), spec.stage)
-        base = last_rows(spec.run_dir(spec.baseline, budget, seed), spec.stage)
+        base = last_rows(spec.run_dir(reference, budget, seed), spec.stage)
         per_seed.append(100 * (summarize(ours)["dice/mean"] - summarize(base)["dice/mean"]))
         a, b = case_scores(ours), case_scores(base)
         per_case += [100 * (a[c] - b[c]) for c in sorted(a.keys() & b.keys())]
     per_seed, per_case = np.array(per_seed), np.array(per_case)
     se = per_case.std(ddof=1) / math.sqrt(len(per_case)) if len(per_case) > 1 else float("inf")
-    if (per_seed > 0).all() and per_case.mean() > 2 * se:
+    if len(per_seed) < MIN_SEEDS_FOR_VERDICT:
+        verdict = f"undecided (< {MIN_SEEDS_FOR_VERDICT} seeds)"
+    elif (per_seed > 0).all() and per_case.mean() > 2 * se:
         verdict = "better"
     elif (per_seed < 0).all() and per_case.mean() < -2 * se:
         verdict = "worse"
@@ -246,22 +257,24 @@ def report(spec: Spec) -> str:
         raise ConfigError(f"no finished run under {spec.out} yet (python -m experiments.compare run {spec.file}).")
     groups = {label(m, b): [summarize(last_rows(spec.run_dir(m, b, s), spec.stage)) for s in seeds]
               for (m, b), seeds in done.items()}
+    pairs = [(m, spec.baseline) for m in spec.methods if m != spec.baseline] + list(spec.contrasts)
     lines = [f"# Comparison {spec.name} (last checkpoint, {spec.stage} split)", "", table(groups), "",
-             f"Paired differences to {spec.baseline} (Dice points; same seed and budget): per seed, and per case "
-             f"pooled over seeds.", "",
-             "| method | seeds | per-seed differences | per seed mean ± sd | per case mean ± se (n) | cases won | "
-             "verdict |", "|---|---|---|---|---|---|---|"]
-    for (method, budget), seeds in done.items():
-        common = sorted(set(seeds) & set(done.get((spec.baseline, budget), [])))
-        if method == spec.baseline or not common:
-            continue
-        d = paired(spec, method, budget, common)
-        seed_sd = d["per_seed"].std(ddof=1) if len(common) > 1 else float("nan")
-        won = int((d["per_case"] > 0).sum())
-        lines.append(f"| {label(method, budget)} | {len(common)} | "
-                     f"{', '.join(f'{v:+.1f}' for v in d['per_seed'])} | {d['per_seed'].mean():+.1f} ± {seed_sd:.1f} | "
-                     f"{d['per_case'].mean():+.1f} ± {d['se']:.1f} ({len(d['per_case'])}) | "
-                     f"{won}/{len(d['per_case'])} | {d['verdict']} |")
+             f"Paired differences (Dice points; same seed and budget) to {spec.baseline} and the spec's contrasts: "
+             f"per seed, and per case pooled over seeds.", "",
+             "| method | reference | seeds | per-seed differences | per seed mean ± sd | per case mean ± se (n) | "
+             "cases won | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for budget in spec.budgets:
+        for method, reference in pairs:
+            common = sorted(set(done.get((method, budget), [])) & set(done.get((reference, budget), [])))
+            if not common:
+                continue
+            d = paired(spec, method, reference, budget, common)
+            seed_sd = d["per_seed"].std(ddof=1) if len(common) > 1 else float("nan")
+            won = int((d["per_case"] > 0).sum())
+            lines.append(f"| {label(method, budget)} | {reference} | {len(common)} | "
+                         f"{', '.join(f'{v:+.1f}' for v in d['per_seed'])} | {d['per_seed'].mean():+.1f} ± "
+                         f"{seed_sd:.1f} | {d['per_case'].mean():+.1f} ± {d['se']:.1f} ({len(d['per_case'])}) | "
+                         f"{won}/{len(d['per_case'])} | {d['verdict']} |")
     walls = [yaml.safe_load((spec.run_dir(m, b, s) / DONE).read_text())["wall_s"] for (m, b), seeds in done.items()
              for s in seeds]
     lines += ["", f"Runs: {sum(map(len, done.values()))} finished, wall time per run {spread(walls)} s "
