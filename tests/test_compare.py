@@ -92,6 +92,10 @@ def test_bad_spec_is_one_sentence(tmp_path, capsys):
                                     "methods": {"a": {"config": "a.yaml"}}}))
     assert main(["report", str(spec)]) == 2
     assert "baseline 'nope' is not one of the methods" in capsys.readouterr().err
+    spec.write_text(yaml.safe_dump({"name": "x", "seeds": [1], "baseline": "a", "contrasts": [["a", "zz"]],
+                                    "methods": {"a": {"config": "a.yaml"}}}))
+    assert main(["report", str(spec)]) == 2
+    assert "contrast ['a', 'zz'] must name two of the methods ['a']" in capsys.readouterr().err
 
 
 SPECS = sorted((REPO / "experiments" / "compare").glob("*.yaml"))
