@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="a compare run folder (holding version_*/)")
     parser.add_argument("--batches", type=int, default=8)
     args = parser.parse_args()
+    sys.argv = sys.argv[:1]  # LightningCLI below takes its arguments from args=, not from this command line
     version = sorted(args.run.glob("version_*"))[-1]
     with tempfile.TemporaryDirectory() as out:
         config = yaml.safe_load((version / "config.yaml").read_text())
