@@ -113,7 +113,19 @@ def resolve_last(config) -> str | None:
 
 class SaveAndLogConfig(SaveConfigCallback):
     """config.yaml in the run directory (Lightning's default), the resolved config sent to W&B, and the same
-    config inside every checkpoint, so a resume can be checked against it."""
+    config inside every checkpoint, so a resume can be checked against it.
+
+    The config is resolved once, at setup: resolving it in every checkpoint save (every step in some runs) costs
+    a jsonargparse dump per save, and a Ctrl-C landing inside jsonargparse comes out as its ValueError (exit 1)
+    instead of the interrupt (seen in CI on the interrupt test of tests/test_run_safety.py).
+    """
+
+    resolved: dict | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.resolved is None:
+            self.resolved = config_as_dict(self.parser, self.config)
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         for logger in trainer.loggers:
@@ -121,7 +133,7 @@ class SaveAndLogConfig(SaveConfigCallback):
                 logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint[CONFIG_KEY] = config_as_dict(self.parser, self.config)
+        checkpoint[CONFIG_KEY] = self.resolved
 
 
 class _DropLightningInterruptLine(logging.Filter):

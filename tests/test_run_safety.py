@@ -219,13 +219,34 @@ def test_step_numbers_agree_across_files(finished):
     assert torch.load(finished["ckpt"], weights_only=False)["global_step"] == 2
 
 
-def test_interrupt_says_where_the_last_checkpoint_is(acdc_phantom, la_phantom, tmp_path):
+def checkpoint_every_step(tmp_path: Path) -> Path:
+    """The Mean Teacher config with last.ckpt written after every step."""
     cfg = yaml.safe_load(MT.read_text())
     for callback in cfg["trainer"]["callbacks"]:
         if callback.get("init_args", {}).get("save_last"):
             callback["init_args"]["every_n_train_steps"] = 1
     config = tmp_path / "every_step.yaml"
     config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+def test_checkpoint_saves_do_not_parse_the_config(acdc_phantom, la_phantom, tmp_path, monkeypatch):
+    """The config is resolved once per run, not in every save: a Ctrl-C inside jsonargparse's dump surfaces as
+    its ValueError (exit 1), so training must not run it."""
+    import experiments.cli as cli
+
+    calls = []
+    resolve = cli.config_as_dict
+    monkeypatch.setattr(cli, "config_as_dict", lambda *a: calls.append(1) or resolve(*a))
+    args = phantom_args(checkpoint_every_step(tmp_path), acdc_phantom, la_phantom, tmp_path)
+    assert main(["fit", *args, "--trainer.max_steps=3"]) == 0
+    state = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=False)
+    assert state["global_step"] == 3 and state["lemis_config"]["trainer"]["max_steps"] == 3
+    assert len(calls) == 1
+
+
+def test_interrupt_says_where_the_last_checkpoint_is(acdc_phantom, la_phantom, tmp_path):
+    config = checkpoint_every_step(tmp_path)
     args = phantom_args(config, acdc_phantom, la_phantom, tmp_path) + ["--trainer.max_steps=100000",
                                                                        "--trainer.val_check_interval=100000"]
     run = _fit_process(args)
