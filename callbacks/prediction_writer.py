@@ -1,17 +1,24 @@
 """PredictionWriter: `lemis predict` writes one label map per case into the run directory."""
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import h5py
+import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lemis.files import atomic_path, run_directory
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes ``<run dir>/predictions/<case>.h5`` (key ``prediction``, uint8, the case's own shape) for
-    every predicted case, atomically (temp file, then rename), so an interrupted run leaves no half file."""
+    """Writes every predicted case into ``<run dir>/predictions/``, atomically (temp file, then rename), so an
+    interrupted run leaves no half file:
+
+    - a case read from NIfTI (its prediction carries the input's ``affine``): ``<case>.nii.gz``, uint8, in the
+      input's voxel order, with its affine, so a viewer lays it over the scan;
+    - otherwise ``<case>.h5``, key ``prediction``, uint8, the case's own shape.
+    """
 
     def __init__(self, folder: str = "predictions"):
         super().__init__(write_interval="batch")
@@ -23,5 +30,24 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
+        label = prediction["prediction"].numpy()
+        if prediction.get("affine") is not None:
+            write_nifti_label(self.out / f"{prediction['case']}.nii.gz", label, prediction["affine"],
+                              prediction.get("axes"))
+            return
         with atomic_path(self.out / f"{prediction['case']}.h5") as tmp, h5py.File(tmp, "w") as f:
-            f.create_dataset("prediction", data=prediction["prediction"].numpy(), compression="gzip")
+            f.create_dataset("prediction", data=label, compression="gzip")
+
+
+def write_nifti_label(path: Path, label: np.ndarray, affine: np.ndarray, axes=None) -> None:
+    """A uint8 label map as NIfTI with ``affine``; ``axes``: the file axis each axis of ``label`` came from
+    (a 2D DataModule puts the slice axis first), undone before writing."""
+    import nibabel as nib
+
+    if axes is not None:
+        label = np.transpose(label, np.argsort(axes))
+    image = nib.Nifti1Image(np.ascontiguousarray(label, dtype=np.uint8), np.asarray(affine, dtype=np.float64))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    with atomic_path(path) as tmp:  # nibabel picks the format by file name, so the bytes are gzipped here
+        tmp.write_bytes(gzip.compress(image.to_bytes(), compresslevel=4))

@@ -378,6 +378,8 @@ class SegmentationModule(L.LightningModule):
         self._finish_evaluation("test")
 
     def predict_step(self, case: dict, batch_idx: int) -> dict:
-        """Label map of one case: {"case": id, "prediction": [*S] uint8 on CPU}."""
+        """Label map of one case: {"case": id, "prediction": [*S] uint8 on CPU}, plus the case's geometry
+        (``affine``, ``axes``, ``spacing``) where its DataModule gives it, for a writer to keep."""
         pred = self.label_map(self.predict_case(case["image"]))[0].to(torch.uint8).cpu()
-        return {"case": case["case"][0], "prediction": pred}
+        geometry = {key: case[key][0] for key in ("affine", "axes", "spacing") if key in case}
+        return {"case": case["case"][0], "prediction": pred, **geometry}
