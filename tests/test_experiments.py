@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from datamodules.phantoms import PHANTOMS
+from datamodules.phantoms import PHANTOMS, ensure_phantoms
 from experiments.__main__ import main
 from experiments.cli import LemisCLI
 from tests.conftest import REPO
@@ -21,8 +21,11 @@ def phantom_args(config: Path, acdc_root: Path, la_root: Path, out: Path) -> lis
     cfg = yaml.safe_load(config.read_text())
     kind, _, size = PHANTOMS[cfg["data"]["class_path"]]
     two_streams = cfg["data"]["init_args"].get("labeled_batch_size") is not None
-    args = ["--config", str(config), f"--data.init_args.root={ {'acdc': acdc_root, 'la': la_root}[kind]}",
-            *(f"--data.init_args.{k}={v}" for k, v in size.items() if k != "labeled_batch_size" or two_streams),
+    roots = {"acdc": acdc_root, "la": la_root}
+    root = roots[kind] if kind in roots else ensure_phantoms(kind, out / f"phantom_{kind}")
+    args = ["--config", str(config), f"--data.init_args.root={root}",
+            *(f"--{k if '.' in k else 'data.init_args.' + k}={v}" for k, v in size.items()
+              if k != "labeled_batch_size" or two_streams),
             "--data.init_args.labeled=2", "--data.init_args.num_workers=0", "--trainer.max_steps=2",
             "--trainer.val_check_interval=2", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={out}"]
