@@ -46,6 +46,7 @@ class SegmentationDataModule(L.LightningDataModule):
     class_names: tuple[str, ...] = ()
     train_list: str = ""
     reader: Reader = H5Reader()
+    ignore_index: int | None = None  # a label value the loss and metrics leave out (nnU-Net's "ignore")
 
     def __init__(
         self,
@@ -171,7 +172,7 @@ class SegmentationDataModule(L.LightningDataModule):
         data = self.targets(stream, self.reader.read(location, keys), location)
         check_image(data, location)
         if "label" in data:
-            check_label(data["label"], self.num_classes, location)
+            check_label(data["label"], self.num_classes, location, self.ignore_index)
         if self.cache:
             self._cache[key] = data
         return data

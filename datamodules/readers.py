@@ -48,13 +48,14 @@ def read_h5(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
         raise DataError(f"cannot read {path} as HDF5 (corrupt or truncated file: {type(err).__name__}).") from None
 
 
-def check_label(label: np.ndarray, num_classes: int, path: Path) -> None:
-    """Labels must be integers in [0, num_classes)."""
+def check_label(label: np.ndarray, num_classes: int, path: Path, ignore_index: int | None = None) -> None:
+    """Labels must be integers in [0, num_classes), or the dataset's ignore label."""
     low, high = int(label.min()), int(label.max())
     if low < 0 or high >= num_classes:
-        bad = sorted(int(v) for v in np.unique(label) if v < 0 or v >= num_classes)
-        raise DataError(f"{path} has label values {bad} outside 0..{num_classes - 1} "
-                        f"(data.init_args.num_classes={num_classes}).")
+        bad = sorted(int(v) for v in np.unique(label) if (v < 0 or v >= num_classes) and v != ignore_index)
+        if bad:
+            raise DataError(f"{path} has label values {bad} outside 0..{num_classes - 1} "
+                            f"(data.init_args.num_classes={num_classes}).")
 
 
 def check_image(data: dict, path: Path) -> None:

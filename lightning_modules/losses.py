@@ -14,14 +14,22 @@ import torch.nn.functional as F
 DICE_SMOOTH = 1e-5
 
 
-def dice_loss(probs: torch.Tensor, label: torch.Tensor, include_background: bool = True) -> torch.Tensor:
+def dice_loss(probs: torch.Tensor, label: torch.Tensor, include_background: bool = True,
+              ignore_index: int | None = None) -> torch.Tensor:
     """SSL4MIS Dice loss.
 
     probs: [B, K, *S] softmax probabilities; label: [B, *S] long class indices.
     d_k = 1 - (2 sum(p_k g_k) + eps) / (sum(p_k^2) + sum(g_k^2) + eps), averaged over the classes used
-    (all K, or 1..K-1 when ``include_background`` is False: UA-MT's Dice_fg for K = 2).
+    (all K, or 1..K-1 when ``include_background`` is False: UA-MT's Dice_fg for K = 2). Voxels labeled
+    ``ignore_index`` (nnU-Net's ignore label) are left out of every sum.
     """
+    valid = None
+    if ignore_index is not None:
+        valid = (label != ignore_index).unsqueeze(1).to(probs.dtype)
+        label = torch.where(label == ignore_index, torch.zeros_like(label), label)
     onehot = F.one_hot(label, probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+    if valid is not None:
+        probs, onehot = probs * valid, onehot * valid
     dims = [0] + list(range(2, probs.ndim))
     intersect = (probs * onehot).sum(dims)
     denom = (probs * probs).sum(dims) + (onehot * onehot).sum(dims)
@@ -29,10 +37,13 @@ def dice_loss(probs: torch.Tensor, label: torch.Tensor, include_background: bool
     return per_class.mean() if include_background else per_class[1:].mean()
 
 
-def supervised_loss(logits: torch.Tensor, label: torch.Tensor, include_background: bool = True) -> torch.Tensor:
-    """0.5 * (CE + Dice) of logits [B, K, *S] against label [B, *S] (both codes' supervised term)."""
-    ce = F.cross_entropy(logits, label)
-    dice = dice_loss(torch.softmax(logits, dim=1), label, include_background)
+def supervised_loss(logits: torch.Tensor, label: torch.Tensor, include_background: bool = True,
+                    ignore_index: int | None = None) -> torch.Tensor:
+    """0.5 * (CE + Dice) of logits [B, K, *S] against label [B, *S] (both codes' supervised term); voxels labeled
+    ``ignore_index`` count in neither term (CE is then the mean over the other voxels)."""
+    ce = F.cross_entropy(logits, label) if ignore_index is None else \
+        F.cross_entropy(logits, label, ignore_index=ignore_index)
+    dice = dice_loss(torch.softmax(logits, dim=1), label, include_background, ignore_index)
     return 0.5 * (ce + dice)
 
 

@@ -130,6 +130,7 @@ class SegmentationModule(L.LightningModule):
     """
 
     INFER_MODES = INFER_MODES
+    SUPPORTS_IGNORE = True  # whether every loss of the method leaves out the data's ignore label
 
     def __init__(
         self,
@@ -162,6 +163,7 @@ class SegmentationModule(L.LightningModule):
         self.roi_size = tuple(roi_size) if roi_size else None
         self.sw_stride = tuple(sw_stride) if sw_stride else None
         self._rows: list[dict] = []
+        self.ignore_index: int | None = None  # the data's ignore label, taken at setup (datamodule.ignore_index)
         self.example: dict | None = None
         self.last_summary: dict = {}
 
@@ -178,7 +180,7 @@ class SegmentationModule(L.LightningModule):
 
     def supervised_loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """0.5 * (CE + Dice) of logits [B, K, *S] and label [B, *S]."""
-        return losses.supervised_loss(logits, label, self.hparams.dice_include_background)
+        return losses.supervised_loss(logits, label, self.hparams.dice_include_background, self.ignore_index)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Labeled-only step: batch is a plain stream {image [B, C, *S], label [B, *S], case}."""
@@ -240,6 +242,7 @@ class SegmentationModule(L.LightningModule):
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"model.init_args.optimizer / lr_scheduler: {err}.") from None
         self.resolve_roi(datamodule)
+        self.take_ignore_index(datamodule)
         k, data_k = self.hparams.num_classes, getattr(datamodule, "num_classes", self.hparams.num_classes)
         if data_k != k:
             raise ConfigError(f"model.init_args.num_classes={k} but data.init_args.num_classes={data_k}: both count "
@@ -262,7 +265,17 @@ class SegmentationModule(L.LightningModule):
 
     # ---- whole-case inference -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        self.resolve_roi(getattr(self.trainer, "datamodule", None), required=False)  # loaders without data: later
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.resolve_roi(datamodule, required=False)  # loaders without data: later
+        self.take_ignore_index(datamodule)
+
+    def take_ignore_index(self, datamodule) -> None:
+        """The data's ignore label (voxels no loss or metric sees), refused for a method whose losses would
+        train on it."""
+        self.ignore_index = getattr(datamodule, "ignore_index", None)
+        if self.ignore_index is not None and not self.SUPPORTS_IGNORE:
+            raise ConfigError(f"{type(self).__name__} does not support an ignore label (label "
+                              f"{self.ignore_index} of the data): use a method that does, or relabel those voxels.")
 
     def resolve_roi(self, datamodule, required: bool = True) -> None:
         """An unset ``roi_size`` is the data's training patch (said once); an unset stride half of it."""
@@ -321,6 +334,9 @@ class SegmentationModule(L.LightningModule):
     def _evaluate_case(self, case: dict, batch_idx: int) -> None:
         pred = self.label_map(self.predict_case(case["image"]))[0].cpu().numpy()
         gt = case["label"][0].cpu().numpy()
+        if self.ignore_index is not None:  # ignored voxels score as background in both maps: in no class
+            ignored = gt == self.ignore_index
+            pred, gt = np.where(ignored, 0, pred), np.where(ignored, 0, gt)
         if batch_idx == 0:  # kept for callbacks (ImageLogger) so they need not predict again
             self.example = {"case": case["case"][0], "image": case["image"][0, 0].cpu().numpy(), "label": gt,
                             "prediction": pred}

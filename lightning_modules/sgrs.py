@@ -131,6 +131,8 @@ class SGRS(MeanTeacher):
             signal does not do: an untrained net may call most voxels foreground.)
     """
 
+    SUPPORTS_IGNORE = False  # its pseudo-label regions and the teacher's ramp Dice read every labeled voxel
+
     def __init__(self, consistency: float = 1.0, consistency_rampup: float = 40.0, consistency_gate_steps: int = 0,
                  tau: float = 0.425, uncertainty_rule: str = "maxprob", ce_smoothing: float = 0.2,
                  dice_smooth_consistent: float = 1.0, dice_smooth_different: float = 20.0, mix_alpha: float = 0.75,

@@ -130,3 +130,12 @@ def test_sliding_window_overlap_reproduces_ua_mt_placement(size, patch, stride):
     interval = _get_scan_interval((size,), (patch,), 1, overlap)
     starts = [s[0].start for s in dense_patch_slices((size,), (patch,), interval)]
     assert starts == ua_mt_starts(size, patch, stride)
+
+
+def test_ignored_voxels_are_in_neither_term():
+    """A third voxel labeled 2 (the ignore label), predicted badly: the spec's 2-voxel hand value stands."""
+    probs = torch.tensor([[0.8, 0.2], [0.4, 0.6], [0.01, 0.99]]).T[None, :, :, None]  # [1, K=2, 3, 1]
+    label = torch.tensor([[[0], [1], [2]]])
+    assert losses.dice_loss(probs, label, ignore_index=2).item() == pytest.approx(0.1269833, abs=1e-6)
+    assert losses.supervised_loss(probs.log(), label, ignore_index=2).item() == pytest.approx(0.2469840, abs=1e-6)
+    assert losses.supervised_loss(probs.log(), torch.tensor([[[0], [1], [0]]])).item() > 0.5  # the voxel counts
