@@ -19,7 +19,8 @@ resized to ``patch_size`` with the SSL4MIS rotations, and evaluates slice by sli
 Normalisation per channel as nnU-Net's defaults for ``channel_names``: ``CT``: clip to the 0.5 / 99.5
 percentiles of the foreground voxels of the labeled training cases, minus their mean, over their std;
 ``noNorm``: none; ``rescale_to_0_1``: per-image min-max; ``rgb_to_0_1``: / 255; anything else: per-image
-z-score. No resampling: the net sees the voxel grid of the files; the header's spacing drives the mm metrics
+z-score. A label named ``ignore`` (nnU-Net's, the highest value) is left out of the loss and the metrics;
+it is not a class (K counts the others). No resampling: the net sees the voxel grid of the files; the header's spacing drives the mm metrics
 and the written predictions keep each input's affine.
 """
 from __future__ import annotations
@@ -83,6 +84,8 @@ def _labels(labels: dict, layout: str, path: Path) -> dict[int, str]:
                         f"supported).") from None
     if sorted(pairs) != list(range(len(pairs))):
         raise DataError(f"{path}: 'labels' values {sorted(pairs)} must be 0, 1, ..., K-1 (background 0).")
+    if "ignore" in [pairs[v] for v in sorted(pairs)][:-1]:
+        raise DataError(f"{path}: the 'ignore' label must have the highest value, as nnU-Net requires.")
     return pairs
 
 
@@ -214,6 +217,9 @@ class NnUNetDataModule(SegmentationDataModule):
         if self._info is None:
             info = read_dataset_json(self.root)
             k = len(info["labels"])
+            if info["labels"][k - 1] == "ignore":  # nnU-Net's ignore label: in no loss, no metric, no class
+                k -= 1
+                self.ignore_index = k
             if self.given_classes is not None and self.given_classes != k:
                 raise ConfigError(f"data.init_args.num_classes={self.given_classes} but {info['path']} names {k} "
                                   f"labels (background included).")

@@ -13,6 +13,7 @@ from datamodules.nnunet import NnUNetDataModule, normalise
 from datamodules.phantoms.nnunet import SPACING, make_nnunet, phantom_affine
 from experiments.__main__ import main
 from lemis.errors import ConfigError, DataError
+from lightning_modules import losses
 from lightning_modules.supervised import Supervised
 from tests.conftest import REPO
 from tests.test_experiments import phantom_args
@@ -211,3 +212,37 @@ def test_predictions_are_nifti_with_the_input_geometry(config, dim, tmp_path):
         assert mask.shape == scan.shape and np.allclose(mask.affine, scan.affine)
         assert mask.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
     assert len(list((tmp_path / "runs").rglob("per_case_test.csv"))) == 1
+
+
+def test_ignore_label_is_no_class_and_leaves_the_loss_and_metrics(tmp_path):
+    """dataset.json's 'ignore' (the highest value): K counts the other labels; the voxels pass the label check;
+    the module's loss and its per-case metrics leave them out; a method that cannot (SGRS) is refused."""
+    root = make_nnunet(tmp_path / "Dataset001_Phantom")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"]["ignore"] = 3
+    (root / "dataset.json").write_text(json.dumps(meta))
+    path = root / "labelsTr" / "case_tr004.nii.gz"  # the validation case
+    label = np.asarray(nib.load(str(path)).dataobj).copy()
+    label[:, :, :2] = 3
+    nib.save(nib.Nifti1Image(label, phantom_affine()), str(path))
+    dm = datamodule(root)
+    dm.setup("fit")
+    assert (dm.num_classes, dm.ignore_index, dm.class_names) == (3, 3, ("lesion", "core"))
+    case = next(iter(dm.val_dataloader()))
+    module = Supervised(net=torch.nn.Identity(), num_classes=3, roi_size=PATCH)
+    module.take_ignore_index(dm)
+    logits = torch.randn(1, 3, *case["label"].shape[1:])
+    kept = case["label"][0] != 3  # the loss of the other voxels alone, as one [1, K, N, 1] "image"
+    z, y = logits[0][:, kept][None, :, :, None], case["label"][0][kept][None, :, None]
+    expected = losses.supervised_loss(z, y)
+    assert module.supervised_loss(logits, case["label"]).item() == pytest.approx(expected.item(), rel=1e-5)
+    gt = case["label"][0].numpy()
+    module.predict_case = lambda image: torch.nn.functional.one_hot(  # predicts the core everywhere ignored
+        torch.from_numpy(np.where(gt == 3, 2, gt)).long(), 3).movedim(-1, 0)[None].float()
+    module._class_names = lambda: dm.class_names
+    module._evaluate_case(case, 1)
+    assert [r["dice"] for r in module._rows] == [1.0, 1.0]
+    from lightning_modules.sgrs import SGRS
+    from lightning_modules.nets.unet2d import UNet2D
+    with pytest.raises(ConfigError, match="ignore label"):
+        SGRS(net=UNet2D(2, 3), num_classes=3).take_ignore_index(dm)
