@@ -20,8 +20,8 @@ Normalisation per channel as nnU-Net's defaults for ``channel_names``: ``CT``: c
 percentiles of the foreground voxels of the labeled training cases, minus their mean, over their std;
 ``noNorm``: none; ``rescale_to_0_1``: per-image min-max; ``rgb_to_0_1``: / 255; anything else: per-image
 z-score. A label named ``ignore`` (nnU-Net's, the highest value) is left out of the loss and the metrics;
-it is not a class (K counts the others). No resampling: the net sees the voxel grid of the files; the header's spacing drives the mm metrics
-and the written predictions keep each input's affine.
+it is not a class (K counts the others). No resampling: the net sees the voxel grid of the files; the
+header's spacing drives the mm metrics and the written predictions keep each input's affine.
 """
 from __future__ import annotations
 

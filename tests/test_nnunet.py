@@ -242,7 +242,7 @@ def test_ignore_label_is_no_class_and_leaves_the_loss_and_metrics(tmp_path):
     module._class_names = lambda: dm.class_names
     module._evaluate_case(case, 1)
     assert [r["dice"] for r in module._rows] == [1.0, 1.0]
-    from lightning_modules.sgrs import SGRS
     from lightning_modules.nets.unet2d import UNet2D
+    from lightning_modules.sgrs import SGRS
     with pytest.raises(ConfigError, match="ignore label"):
         SGRS(net=UNet2D(2, 3), num_classes=3).take_ignore_index(dm)
