@@ -13,9 +13,8 @@ label file that went missing by mistake would silently turn its case into unlabe
 budget draws from the labeled cases (sorted by id, as nnU-Net orders them); the labels of the cases it leaves
 out are never read (they join the unlabeled stream, images only).
 
-``dim: 3`` trains on random patches (random 90-degree rotation and flip in the first two axes, then a crop; the
-UA-MT transform) and evaluates by sliding window; ``dim: 2`` trains on the axial slices (the file's last axis)
-resized to ``patch_size`` with the SSL4MIS rotations, and evaluates slice by slice (``infer_mode: slices``).
+Training and evaluation tensors, 2D or 3D: ``datamodules.volumes``.
+
 Normalisation per channel as nnU-Net's defaults for ``channel_names``: ``CT``: clip to the 0.5 / 99.5
 percentiles of the foreground voxels of the labeled training cases, minus their mean, over their std;
 ``noNorm``: none; ``rescale_to_0_1``: per-image min-max; ``rgb_to_0_1``: / 255; anything else: per-image
@@ -30,15 +29,12 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.base import SegmentationDataModule
 from datamodules.readers import NiftiReader
-from datamodules.transforms import random_rotate, zoom_nearest
+from datamodules.volumes import VolumeDataModule
 from lemis.errors import ConfigError, DataError
 
-NORMALISATIONS = ("CT", "noNorm", "rescale_to_0_1", "rgb_to_0_1")  # anything else: z-score (nnU-Net's default)
 CT_PERCENTILES = (0.5, 99.5)
 
 
@@ -129,40 +125,6 @@ def channel_files(folder: Path, ending: str, n_channels: int) -> dict[str, list[
     return cases
 
 
-# ---- transforms ----------------------------------------------------------------------------------------------
-def rot_flip(image: np.ndarray, label: np.ndarray | None):
-    """np.rot90 by k in {0..3} in the spatial axes 1, 2 of image [C, *S] (0, 1 of label [*S]), then a flip along
-    one of them: one draw for every channel."""
-    k, axis = int(torch.randint(0, 4, (1,))), int(torch.randint(0, 2, (1,)))
-    image = np.flip(np.rot90(image, k, axes=(1, 2)), axis=axis + 1).copy()
-    if label is not None:
-        label = np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis).copy()
-    return image, label
-
-
-def crop(image: np.ndarray, label: np.ndarray | None, patch: tuple[int, ...]):
-    """A patch of image [C, *S] (and label [*S]) whose origin is uniform; axes shorter than the patch are
-    zero-padded on both sides first."""
-    pad = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(image.shape[1:], patch)]
-    if any(sum(p) for p in pad):
-        image = np.pad(image, [(0, 0), *pad])
-        label = None if label is None else np.pad(label, pad)
-    origin = [int(torch.randint(0, s - p + 1, (1,))) for s, p in zip(image.shape[1:], patch)]
-    window = tuple(slice(o, o + p) for o, p in zip(origin, patch))
-    return image[(slice(None), *window)].copy(), None if label is None else label[window].copy()
-
-
-def slice_transform(image: np.ndarray, label: np.ndarray | None, patch: tuple[int, int]):
-    """SSL4MIS RandomGenerator for a multi-channel slice [C, H, W]: rot/flip with p 0.5, else a rotation in
-    [-20, 20) degrees (order 0), then an order-0 resize to ``patch``."""
-    if float(torch.rand(())) > 0.5:
-        image, label = rot_flip(image, label)
-    else:
-        rotated, label = random_rotate(np.moveaxis(image, 0, -1), label)  # (H, W, C): rotates H, W only
-        image = np.moveaxis(rotated, -1, 0)
-    return zoom_nearest(image, patch), None if label is None else zoom_nearest(label, patch)
-
-
 # ---- normalisation -----------------------------------------------------------------------------------------
 def normalise(image: np.ndarray, schemes: list[str], ct_stats: dict[int, tuple] | None = None) -> np.ndarray:
     """image [C, *S] -> float32, channel c normalised by ``schemes[c]`` (see the module docstring)."""
@@ -182,7 +144,7 @@ def normalise(image: np.ndarray, schemes: list[str], ct_stats: dict[int, tuple] 
     return out
 
 
-class NnUNetDataModule(SegmentationDataModule):
+class NnUNetDataModule(VolumeDataModule):
     """A folder in the nnU-Net v2 raw or MSD layout (module docstring).
 
     Args (beyond SegmentationDataModule's; ``val_list``/``test_list``/``present`` are not used):
@@ -198,14 +160,8 @@ class NnUNetDataModule(SegmentationDataModule):
 
     def __init__(self, root: str, num_classes: int | None = None, labeled: int | float | None = None,
                  dim: int = 3, val_cases: int = 1, predict_folder: str | None = None, **kwargs):
-        kwargs.setdefault("patch_size", (128, 128, 128) if dim == 3 else (256, 256))
-        super().__init__(root=root, num_classes=num_classes or 0, labeled=labeled, **kwargs)
-        if dim not in (2, 3):
-            raise ConfigError(f"data.init_args.dim must be 2 or 3, got {dim}.")
-        if len(self.patch_size) != dim:
-            raise ConfigError(f"data.init_args.patch_size={list(self.patch_size)} has {len(self.patch_size)} axes "
-                              f"but data.init_args.dim={dim}.")
-        self.given_classes, self.dim, self.val_cases = num_classes, dim, val_cases
+        super().__init__(root=root, num_classes=num_classes or 0, labeled=labeled, dim=dim, **kwargs)
+        self.given_classes, self.val_cases = num_classes, val_cases
         self.predict_folder = predict_folder
         self._info: dict | None = None
         self._ct_stats: dict[int, tuple] = {}
@@ -307,21 +263,7 @@ class NnUNetDataModule(SegmentationDataModule):
         return [(case, case) for case in self._split_cases()[0]]
 
     def _items(self, cases: list[str]) -> list[str]:
-        """Training items: whole cases (3D) or ``case/z`` for every axial slice (2D; depth from the header)."""
-        if self.dim == 3:
-            return cases
-        import nibabel as nib
-
-        items = []
-        for case in cases:
-            image = self.locations[case]["image"]
-            first = image[0] if isinstance(image, list) else image
-            try:
-                depth = nib.load(str(first)).shape[2]
-            except Exception as err:  # nibabel raises several types for damaged files
-                raise DataError(f"cannot read {first} as NIfTI ({type(err).__name__}).") from None
-            items += [f"{case}/{z}" for z in range(depth)]
-        return items
+        return self.volume_items(cases, lambda case: self.locations[case]["image"])
 
     def train_path(self, item: str) -> dict:
         return self.locations[item.split("/")[0]]
@@ -400,31 +342,3 @@ class NnUNetDataModule(SegmentationDataModule):
             stats[c] = (float(low), float(high), float(values.mean()), float(values.std()))
         rank_zero_info(f"lemis: CT normalisation (clip, mean, std) per channel: {stats}.")
         return stats
-
-    def train_sample(self, data: dict, item: str) -> dict:
-        image, label = data["image"], data.get("label")
-        if self.dim == 2:
-            z = int(item.split("/")[1])
-            image, label = slice_transform(image[..., z], None if label is None else label[..., z], self.patch_size)
-        else:
-            image, label = rot_flip(image, label)
-            image, label = crop(image, label, self.patch_size)
-        sample = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), "case": item}
-        if label is not None:
-            sample["label"] = torch.from_numpy(label.astype(np.int64))
-        return sample
-
-    def eval_case(self, data: dict, case: str) -> dict:
-        """3D: image [C, x, y, z]; 2D: the slice axis first, [C, z, x, y] (``axes`` says how to put a
-        prediction back in the file's order); ``affine``: the input's, for the written prediction."""
-        spacing = tuple(float(s) for s in data["attrs"]["spacing"])
-        image, label, axes = data["image"], data.get("label"), (0, 1, 2)
-        if self.dim == 2:
-            axes = (2, 0, 1)
-            image, spacing = np.moveaxis(image, -1, 1), tuple(spacing[a] for a in axes)
-            label = None if label is None else np.moveaxis(label, -1, 0)
-        out = {"image": torch.from_numpy(np.ascontiguousarray(image)), "case": case, "spacing": spacing,
-               "affine": np.asarray(data["attrs"]["affine"], dtype=np.float64), "axes": axes}
-        if label is not None:
-            out["label"] = torch.from_numpy(label.astype(np.int64))
-        return out
