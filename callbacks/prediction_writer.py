@@ -33,19 +33,25 @@ class PredictionWriter(BasePredictionWriter):
         label = prediction["prediction"].numpy()
         if prediction.get("affine") is not None:
             write_nifti_label(self.out / f"{prediction['case']}.nii.gz", label, prediction["affine"],
-                              prediction.get("axes"))
+                              prediction.get("axes"), prediction.get("crop"))
             return
         with atomic_path(self.out / f"{prediction['case']}.h5") as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("prediction", data=label, compression="gzip")
 
 
-def write_nifti_label(path: Path, label: np.ndarray, affine: np.ndarray, axes=None) -> None:
+def write_nifti_label(path: Path, label: np.ndarray, affine: np.ndarray, axes=None, crop=None) -> None:
     """A uint8 label map as NIfTI with ``affine``; ``axes``: the file axis each axis of ``label`` came from
-    (a 2D DataModule puts the slice axis first), undone before writing."""
+    (a 2D DataModule puts the slice axis first), undone before writing; ``crop``: (offset, full shape) of a
+    cropped volume in the file's axes, pasted back into a background volume of the input's shape."""
     import nibabel as nib
 
     if axes is not None:
         label = np.transpose(label, np.argsort(axes))
+    if crop is not None:
+        offset, shape = crop
+        full = np.zeros(tuple(shape), dtype=np.uint8)
+        full[tuple(slice(o, o + n) for o, n in zip(offset, label.shape))] = label
+        label = full
     image = nib.Nifti1Image(np.ascontiguousarray(label, dtype=np.uint8), np.asarray(affine, dtype=np.float64))
     image.set_qform(image.affine, code=1)
     image.set_sform(image.affine, code=1)

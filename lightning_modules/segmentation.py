@@ -395,7 +395,7 @@ class SegmentationModule(L.LightningModule):
 
     def predict_step(self, case: dict, batch_idx: int) -> dict:
         """Label map of one case: {"case": id, "prediction": [*S] uint8 on CPU}, plus the case's geometry
-        (``affine``, ``axes``, ``spacing``) where its DataModule gives it, for a writer to keep."""
+        (``affine``, ``axes``, ``crop``, ``spacing``) where its DataModule gives it, for a writer to keep."""
         pred = self.label_map(self.predict_case(case["image"]))[0].to(torch.uint8).cpu()
-        geometry = {key: case[key][0] for key in ("affine", "axes", "spacing") if key in case}
+        geometry = {key: case[key][0] for key in ("affine", "axes", "crop", "spacing") if key in case}
         return {"case": case["case"][0], "prediction": pred, **geometry}
