@@ -246,3 +246,25 @@ def test_ignore_label_is_no_class_and_leaves_the_loss_and_metrics(tmp_path):
     from lightning_modules.sgrs import SGRS
     with pytest.raises(ConfigError, match="ignore label"):
         SGRS(net=UNet2D(2, 3), num_classes=3).take_ignore_index(dm)
+
+
+def test_la_converts_to_an_nnunet_folder(la_phantom, tmp_path):
+    """``python -m datamodules.prepare la-nnunet``: every present train.list case in imagesTr/labelsTr, test.list in
+    imagesTs/labelsTs, 0.625 mm voxels, the arrays unchanged; the nnunet DataModule reads the result."""
+    import h5py
+
+    from datamodules.prepare import main as prepare
+
+    out = tmp_path / "Dataset001_LA"
+    prepare(["la-nnunet", str(la_phantom), str(out)])
+    train = (la_phantom / "train.list").read_text().split()
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == sorted(f"{c}.nii.gz" for c in train)
+    case = train[0]
+    scan = nib.load(str(out / "imagesTr" / f"{case}_0000.nii.gz"))
+    with h5py.File(la_phantom / "2018LA_Seg_Training Set" / case / "mri_norm2.h5") as f:
+        assert np.array_equal(np.asarray(scan.dataobj), f["image"][()].astype(np.float32))
+        assert np.array_equal(np.asarray(nib.load(str(out / "labelsTr" / f"{case}.nii.gz")).dataobj), f["label"][()])
+    assert scan.header.get_zooms() == pytest.approx((0.625,) * 3)
+    dm = datamodule(out, labeled=2, patch_size=[32, 32, 32])
+    dm.setup("fit")
+    assert dm.num_classes == 2 and len(dm.datasets["labeled"]) == 2

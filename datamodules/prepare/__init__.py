@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from datamodules.prepare import acdc
+from datamodules.prepare import acdc, la_nnunet
 from lemis.errors import PrepareError
 
-PREPARERS = {"acdc": acdc.prepare_acdc}
+PREPARERS = {"acdc": acdc.prepare_acdc, "la-nnunet": la_nnunet.prepare_la_nnunet}
 
 
 def main(argv: list[str] | None = None) -> None:
