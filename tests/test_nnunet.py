@@ -212,6 +212,8 @@ def test_predictions_are_nifti_with_the_input_geometry(config, dim, tmp_path):
         assert mask.shape == scan.shape and np.allclose(mask.affine, scan.affine)
         assert mask.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
     assert len(list((tmp_path / "runs").rglob("per_case_test.csv"))) == 1
+    pngs = sorted(p.name for p in (tmp_path / "runs").rglob("predictions/overview/*.png"))
+    assert pngs == ["case_ts000.png", "case_ts001.png"]
 
 
 def test_ignore_label_is_no_class_and_leaves_the_loss_and_metrics(tmp_path):
