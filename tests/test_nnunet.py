@@ -270,3 +270,23 @@ def test_la_converts_to_an_nnunet_folder(la_phantom, tmp_path):
     dm = datamodule(out, labeled=2, patch_size=[32, 32, 32])
     dm.setup("fit")
     assert dm.num_classes == 2 and len(dm.datasets["labeled"]) == 2
+
+
+def test_predict_a_plain_folder_with_only_dataset_json(tmp_path):
+    """``lemis predict`` on new scans: a root holding just dataset.json, and a folder of single-channel
+    ``{case}.nii.gz`` files (no channel suffix) anywhere."""
+    root = tmp_path / "Dataset002_One"
+    root.mkdir()
+    meta = {"channel_names": {"0": "T2"}, "labels": {"background": 0, "lesion": 1}, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    scans = tmp_path / "new_scans"
+    scans.mkdir()
+    for case in ("patient_b", "patient_a"):
+        nib.save(nib.Nifti1Image(np.random.default_rng(0).random((20, 18, 6)).astype(np.float32),
+                                 phantom_affine()), str(scans / f"{case}.nii.gz"))
+    (scans / "notes.txt").write_text("not a scan")
+    dm = datamodule(root, predict_folder=str(scans))
+    dm.setup("predict")
+    cases = [dm.datasets["predict"][i] for i in range(len(dm.datasets["predict"]))]
+    assert [c["case"] for c in cases] == ["patient_a", "patient_b"]
+    assert cases[0]["image"].shape == (1, 20, 18, 6) and "label" not in cases[0]
