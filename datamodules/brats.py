@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.readers import NiftiReader
+from datamodules.readers import H5Reader, NiftiReader
 from datamodules.volumes import VolumeDataModule
 from lemis.errors import ConfigError, DataError
 
@@ -32,6 +33,12 @@ DEEPMEDIC_NAMES = {"flair": "Flair", "t1ce": "T1c", "t1": "T1", "t2": "T2"}
 REMAP = {"2017": {0: 0, 1: 1, 2: 2, 4: 3}, "2015": {0: 0, 1: 1, 2: 2, 3: 1, 4: 3}}
 REGIONS = {"wt": (1, 2, 3), "tc": (1, 3), "et": (3,)}  # of the remapped labels
 TARGETS = ("classes", *REGIONS)
+CACHE_MARKER = "brats_cache.json"  # written last by ``python -m datamodules.prepare brats``
+
+
+def _has_label(path: Path) -> bool:
+    with h5py.File(path) as f:
+        return "label" in f
 
 
 def find_cases(root: Path) -> dict[str, dict]:
@@ -48,18 +55,23 @@ def find_cases(root: Path) -> dict[str, dict]:
     return dict(sorted(cases.items()))
 
 
+def modality_file(case: str, found: dict, modality: str) -> Path:
+    folder = found["folder"]
+    if found["layout"] == "2017":
+        return folder / f"{case}_{modality}.nii.gz"
+    return folder / f"{DEEPMEDIC_NAMES[modality]}_subtrMeanDivStd.nii.gz"
+
+
+def label_file(case: str, found: dict) -> Path:
+    return found["folder"] / (f"{case}_seg.nii.gz" if found["layout"] == "2017" else "OTMultiClass.nii.gz")
+
+
 def case_location(case: str, found: dict, modalities: tuple[str, ...], labeled: bool) -> dict:
     """The NiftiReader location of a case: its modality files in ``modalities`` order, its label (and for
     2013/2015 its brain mask); a missing file is an error naming it."""
-    folder, layout = found["folder"], found["layout"]
-    if layout == "2017":
-        images = [folder / f"{case}_{m}.nii.gz" for m in modalities]
-        label = folder / f"{case}_seg.nii.gz"
-        extra = {}
-    else:
-        images = [folder / f"{DEEPMEDIC_NAMES[m]}_subtrMeanDivStd.nii.gz" for m in modalities]
-        label = folder / "OTMultiClass.nii.gz"
-        extra = {"mask": folder / "brainmask.nii.gz"}
+    images = [modality_file(case, found, m) for m in modalities]
+    label = label_file(case, found)
+    extra = {"mask": found["folder"] / "brainmask.nii.gz"} if found["layout"] == "2015" else {}
     for path in images + list(extra.values()) + ([label] if labeled else []):
         if not path.is_file():
             hint = "set data.init_args.modalities" if path in images else \
@@ -100,6 +112,26 @@ def zscore_in_brain(image: np.ndarray, brain: np.ndarray) -> np.ndarray:
     return out
 
 
+def prepare_case(data: dict, location: dict, reader, box_axes: int = 3) -> dict:
+    """A read case, normalised: labels remapped to the classes, each modality z-scored in the brain (the brain
+    mask, or the voxels non-zero in any modality) and 0 outside, then (``box_axes`` > 0) cropped to the brain's
+    box in its first ``box_axes`` axes; ``attrs["crop"]`` = (offset, full shape)."""
+    image = data["image"]
+    layout = "2015" if "mask" in location else "2017"
+    brain = reader.read({"mask": location["mask"]}, ("mask",))["mask"] > 0.5 if layout == "2015" else \
+        (image != 0).any(0)
+    out = {**data, "image": zscore_in_brain(image, brain)}
+    if "label" in data:
+        out["label"] = remap_labels(data["label"], layout, location["label"])
+    if box_axes:
+        box = brain_box(brain, axes=box_axes)
+        out["image"] = out["image"][(slice(None), *box)]
+        if "label" in out:
+            out["label"] = out["label"][box]
+        out["attrs"] = {**data["attrs"], "crop": ([s.start for s in box], list(brain.shape))}
+    return out
+
+
 class BraTSDataModule(VolumeDataModule):
     """BraTS 2013/2015 (DeepMedic NIfTI) and 2017-2021 case folders (module docstring).
 
@@ -134,11 +166,16 @@ class BraTSDataModule(VolumeDataModule):
         self.unlabeled_root, self.crop_to_brain = unlabeled_root, crop_to_brain
         self.class_names = ("NCR", "ED", "ET") if target == "classes" else (target.upper(),)
         self._found: dict | None = None
+        if self.cached:
+            self.reader = H5Reader()
 
     # ---- cases --------------------------------------------------------------------------------------------
     @property
     def found(self) -> dict[str, dict]:
         """Every case by id: labeled ones under ``root``, unlabeled ones under ``unlabeled_root``."""
+        if self._found is None and self.cached:
+            self._found = {p.stem: {"layout": "cache", "folder": p, "labeled": _has_label(p)}
+                           for p in sorted(self.root.glob("*.h5"))}
         if self._found is None:
             labeled = find_cases(self.root)
             if not labeled:
@@ -154,8 +191,15 @@ class BraTSDataModule(VolumeDataModule):
                            **{c: {**f, "labeled": False} for c, f in unlabeled.items()}}
         return self._found
 
-    def location(self, case: str) -> dict:
+    @property
+    def cached(self) -> bool:
+        """Whether ``root`` is a cache written by ``python -m datamodules.prepare brats``."""
+        return (self.root / CACHE_MARKER).is_file()
+
+    def location(self, case: str):
         found = self.found[case]
+        if found["layout"] == "cache":
+            return found["folder"]
         return case_location(case, found, self.modalities, found["labeled"])
 
     def _split_cases(self) -> tuple[list[str], list[str]]:
@@ -172,8 +216,16 @@ class BraTSDataModule(VolumeDataModule):
         groups = train if self.labeled is None else super().split()[0]
         chosen = set(groups)
         pool = [c for c in train if c not in chosen] + [c for c, f in self.found.items() if not f["labeled"]]
-        image = lambda case: self.location(case)["image"]  # noqa: E731
-        return groups, self.volume_items([c for c in train if c in chosen], image), self.volume_items(pool, image)
+        return groups, self._items([c for c in train if c in chosen]), self._items(pool)
+
+    def _items(self, cases: list[str]) -> list[str]:
+        if self.dim == 3 or not self.cached:
+            return self.volume_items(cases, lambda case: self.location(case)["image"])
+        depth = {}
+        for case in cases:
+            with h5py.File(self.location(case)) as f:
+                depth[case] = f["image"].shape[-1]
+        return [f"{case}/{z}" for case in cases for z in range(depth[case])]
 
     def train_units(self) -> list[tuple[str, str]]:
         return [(case, case) for case in self._split_cases()[0]]
@@ -194,21 +246,23 @@ class BraTSDataModule(VolumeDataModule):
 
     # ---- reading ----------------------------------------------------------------------------------------------
     def targets(self, stream: str, data: dict, location) -> dict:
-        """Labels remapped (and reduced to ``target``), the image z-scored in the brain and cropped to it."""
-        image = data["image"]
-        layout = "2015" if "mask" in location else "2017"
-        if layout == "2015":
-            brain = self.reader.read({"mask": location["mask"]}, ("mask",))["mask"] > 0.5
+        """Labels remapped (and reduced to ``target``), the image z-scored in the brain and cropped to it (a
+        cache of ``prepare brats`` holds both done: its modalities are picked)."""
+        if self.cached:
+            out = self._from_cache(data, location)
         else:
-            brain = (image != 0).any(0)
-        out = {**data, "image": zscore_in_brain(image, brain)}
-        if "label" in data:
-            label = remap_labels(data["label"], layout, location["label"])
-            out["label"] = label if self.target == "classes" else np.isin(label, REGIONS[self.target]).astype(np.uint8)
-        if self.crop_to_brain:
-            box = brain_box(brain, axes=3 if self.dim == 3 else 2)
-            out["image"] = out["image"][(slice(None), *box)]
-            if "label" in out:
-                out["label"] = out["label"][box]
-            out["attrs"] = {**data["attrs"], "crop": ([s.start for s in box], list(brain.shape))}
+            out = prepare_case(data, location, self.reader, (3 if self.dim == 3 else 2) if self.crop_to_brain else 0)
+        if "label" in out and self.target != "classes":
+            out["label"] = np.isin(out["label"], REGIONS[self.target]).astype(np.uint8)
         return out
+
+    def _from_cache(self, data: dict, path) -> dict:
+        attrs = data["attrs"]
+        have = [m.decode() if isinstance(m, bytes) else str(m) for m in attrs["modalities"]]
+        missing = [m for m in self.modalities if m not in have]
+        if missing:
+            raise DataError(f"{path} caches the modalities {have}, not {missing[0]!r} (data.init_args.modalities).")
+        image = data["image"][[have.index(m) for m in self.modalities]]
+        crop = ([int(o) for o in attrs["crop"]], [int(n) for n in attrs["full_shape"]])
+        return {**data, "image": image, "attrs": {"affine": attrs["affine"], "spacing": tuple(attrs["spacing"]),
+                                                  "crop": crop}}

@@ -152,3 +152,27 @@ def test_real_cases_train_a_step_and_validate_a_volume(folder, modalities, val_c
     assert main(["fit", *args]) == 0
     (rows,) = tmp_path.rglob("per_case_val.csv")
     assert {line.split(",")[2] for line in rows.read_text().splitlines()[1:]} == {"NCR", "ED", "ET"}
+
+
+def test_prepared_cache_reads_as_the_folders_do(phantom, tmp_path):
+    """``python -m datamodules.prepare brats``: the DataModule on the cache yields the same tensors, crop and
+    geometry as on the case folders; a modality the cache lacks is a sentence naming the file."""
+    from datamodules.prepare import main as prepare
+
+    cache = tmp_path / "cache"
+    prepare(["brats", str(phantom), str(cache)])
+    assert (cache / "brats_cache.json").is_file() and len(list(cache.glob("*.h5"))) == 4
+    for kw in ({"modalities": ["flair", "t1ce"]}, {"target": "wt", "modalities": ["t2"]}):
+        direct, cached = datamodule(phantom, **kw), datamodule(cache, **kw)
+        direct.setup("fit")
+        cached.setup("fit")
+        a, b = direct.datasets["val"][0], cached.datasets["val"][0]
+        assert a["case"] == b["case"] and torch.equal(a["label"], b["label"]) and a["crop"] == b["crop"]
+        torch.testing.assert_close(a["image"], b["image"])
+        assert np.allclose(a["affine"], b["affine"]) and a["spacing"] == pytest.approx(b["spacing"])
+        assert torch.equal(direct.datasets["labeled"][(0, 3)]["label"], cached.datasets["labeled"][(0, 3)]["label"])
+    import h5py
+    with h5py.File(next(cache.glob("*.h5")), "r+") as f:
+        f.attrs["modalities"] = ["flair"]
+    with pytest.raises(DataError, match="caches the modalities"):
+        datamodule(cache, modalities=["t1"], labeled=1, labeled_batch_size=None).setup("fit")

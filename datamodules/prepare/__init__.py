@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from datamodules.prepare import acdc, la_nnunet
+from datamodules.prepare import acdc, brats, la_nnunet
 from lemis.errors import PrepareError
 
-PREPARERS = {"acdc": acdc.prepare_acdc, "la-nnunet": la_nnunet.prepare_la_nnunet}
+PREPARERS = {"acdc": acdc.prepare_acdc, "brats": brats.prepare_brats, "la-nnunet": la_nnunet.prepare_la_nnunet}
 
 
 def main(argv: list[str] | None = None) -> None:
