@@ -195,7 +195,7 @@ def test_ensure_phantoms_caches(tmp_path):
     with pytest.raises(ValueError, match="other root"):
         ensure_phantoms("acdc", root, **{**kw, "n_train": 3})
     with pytest.raises(ValueError, match="unknown phantom kind"):
-        ensure_phantoms("brats", tmp_path / "b")
+        ensure_phantoms("camelyon16", tmp_path / "c")
 
 
 def test_ensure_phantoms_redoes_an_unfinished_root(tmp_path):
@@ -317,7 +317,7 @@ def test_prepare_errors(raw, tmp_path, capsys):
     assert str(tmp_path / "nowhere") in run_main(["acdc", str(tmp_path / "nowhere"), out], capsys)
     (tmp_path / "empty").mkdir()
     assert "no patientXXX folders" in run_main(["acdc", str(tmp_path / "empty"), out], capsys)
-    assert "no converter for 'la' (there are: acdc)" in run_main(["la", str(raw_dir), out], capsys)
+    assert "no converter for 'la' (there are: acdc, brats, la-nnunet)" in run_main(["la", str(raw_dir), out], capsys)
     split = tmp_path / "split"
     split.mkdir()
     for name in ("train", "val", "test"):
