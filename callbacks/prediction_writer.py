@@ -1,7 +1,6 @@
 """PredictionWriter: `lemis predict` writes one label map per case into the run directory."""
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import h5py
@@ -9,6 +8,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from callbacks.image_logger import middle_slices, panel, save_png
+from datamodules.writers import write_nifti
 from lemis.files import atomic_path, run_directory
 
 
@@ -59,8 +59,6 @@ def write_nifti_label(path: Path, label: np.ndarray, affine: np.ndarray, axes=No
     """A uint8 label map as NIfTI with ``affine``; ``axes``: the file axis each axis of ``label`` came from
     (a 2D DataModule puts the slice axis first), undone before writing; ``crop``: (offset, full shape) of a
     cropped volume in the file's axes, pasted back into a background volume of the input's shape."""
-    import nibabel as nib
-
     if axes is not None:
         label = np.transpose(label, np.argsort(axes))
     if crop is not None:
@@ -68,8 +66,4 @@ def write_nifti_label(path: Path, label: np.ndarray, affine: np.ndarray, axes=No
         full = np.zeros(tuple(shape), dtype=np.uint8)
         full[tuple(slice(o, o + n) for o, n in zip(offset, label.shape))] = label
         label = full
-    image = nib.Nifti1Image(np.ascontiguousarray(label, dtype=np.uint8), np.asarray(affine, dtype=np.float64))
-    image.set_qform(image.affine, code=1)
-    image.set_sform(image.affine, code=1)
-    with atomic_path(path) as tmp:  # nibabel picks the format by file name, so the bytes are gzipped here
-        tmp.write_bytes(gzip.compress(image.to_bytes(), compresslevel=4))
+    write_nifti(path, label.astype(np.uint8), affine)

@@ -32,3 +32,17 @@ def minmax(image: np.ndarray) -> np.ndarray:
     """Per-volume min-max to float32 [0, 1] (any shape); a constant image becomes all zeros."""
     lo, hi = float(image.min()), float(image.max())
     return ((image - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float32)
+
+
+def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> None:
+    """Write ``array`` as a gzipped NIfTI with ``affine`` (sform and qform code 1), atomically. nibabel picks the
+    format by file name, and the temporary name is not ``.nii.gz``: the bytes are gzipped here."""
+    import gzip
+
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.ascontiguousarray(array), np.asarray(affine, dtype=np.float64))
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(gzip.compress(image.to_bytes(), compresslevel=_GZIP_LEVEL))

@@ -14,21 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.readers import read_h5, read_list
+from datamodules.writers import write_nifti
 from lemis.errors import DataError, PrepareError
 from lemis.files import atomic_path
 
 SPACING = 0.625
+AFFINE = np.diag([SPACING, SPACING, SPACING, 1.0])
 FOLDER = "2018LA_Seg_Training Set"
-
-
-def save_nifti(path: Path, array: np.ndarray) -> None:
-    import gzip
-
-    import nibabel as nib
-
-    image = nib.Nifti1Image(array, np.diag([SPACING, SPACING, SPACING, 1.0]))
-    with atomic_path(path) as tmp:  # nibabel picks the format by file name: the bytes are gzipped here
-        tmp.write_bytes(gzip.compress(image.to_bytes(), compresslevel=4))
 
 
 def prepare_la_nnunet(raw, out, split_from=None) -> dict:
@@ -48,8 +40,8 @@ def prepare_la_nnunet(raw, out, split_from=None) -> dict:
                 data = read_h5(raw / FOLDER / case / "mri_norm2.h5", ("image", "label"))
             except DataError as err:
                 raise PrepareError(str(err)) from None
-            save_nifti(out / images / f"{case}_0000.nii.gz", data["image"].astype(np.float32))
-            save_nifti(out / labels / f"{case}.nii.gz", data["label"].astype(np.uint8))
+            write_nifti(out / images / f"{case}_0000.nii.gz", data["image"].astype(np.float32), AFFINE)
+            write_nifti(out / labels / f"{case}.nii.gz", data["label"].astype(np.uint8), AFFINE)
         counts[f"{images} cases"] = len(present)
     meta = {"name": "LA", "channel_names": {"0": "MRI"}, "labels": {"background": 0, "left_atrium": 1},
             "numTraining": counts["imagesTr cases"], "file_ending": ".nii.gz"}
