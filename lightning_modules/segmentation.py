@@ -332,7 +332,8 @@ class SegmentationModule(L.LightningModule):
 
     # ---- evaluation: per-case rows, gathered across ranks ---------------------------------------------------
     def _evaluate_case(self, case: dict, batch_idx: int) -> None:
-        pred = self.label_map(self.predict_case(case["image"]))[0].cpu().numpy()
+        probs = self.predict_case(case["image"])
+        pred = self.label_map(probs)[0].cpu().numpy()
         gt = case["label"][0].cpu().numpy()
         if self.ignore_index is not None:  # ignored voxels score as background in both maps: in no class
             ignored = gt == self.ignore_index
@@ -340,10 +341,11 @@ class SegmentationModule(L.LightningModule):
         if batch_idx == 0:  # kept for callbacks (ImageLogger) so they need not predict again
             self.example = {"case": case["case"][0], "image": case["image"][0, 0].cpu().numpy(), "label": gt,
                             "prediction": pred}
-        self._rows += self.score_case(pred, gt, case)
+        self._rows += self.score_case(pred, gt, case, probs)
 
-    def score_case(self, pred: np.ndarray, gt: np.ndarray, case: dict) -> list[dict]:
-        """Rows of one evaluated case (label maps [*S]; ``case`` the evaluation batch): one per foreground class
+    def score_case(self, pred: np.ndarray, gt: np.ndarray, case: dict, probs: torch.Tensor) -> list[dict]:
+        """Rows of one evaluated case (label maps [*S]; ``case`` the evaluation batch; ``probs`` [1, K', *S] what
+        ``predict_case`` returned, for a method that scores more than the label map): one per foreground class
         with Dice, Jaccard, HD95, ASD, ASSD in voxels and mm. A method scoring otherwise (per image, per case
         class) returns its own rows: ``case`` and numeric columns, plus ``class`` when there are several rows a
         case; ``summarize`` averages every numeric column."""

@@ -122,7 +122,7 @@ class ExampleMethod(SegmentationModule):
         self.log_step({"loss/sup": loss_sup, "loss/frac": loss_frac, "loss/ent": loss_ent, "loss/total": loss})
         return loss
 
-    def score_case(self, pred, gt, case):
+    def score_case(self, pred, gt, case, probs):
         p, g = pred == 1, gt == 1
         return [{"case": case["case"][0], "fg_dice": float(2 * (p & g).sum() / max(p.sum() + g.sum(), 1)),
                  "volume_ratio": float(p.sum() / max(g.sum(), 1))}]

@@ -184,7 +184,7 @@ def test_spacing_reaches_the_mm_metrics(phantom):
     pred = np.roll(gt, 1, axis=2)
     module = Supervised(net=torch.nn.Identity(), num_classes=3, roi_size=PATCH)
     module._class_names = lambda: dm.class_names  # no trainer here to ask for the DataModule
-    rows = module.score_case(pred, gt, case)
+    rows = module.score_case(pred, gt, case, None)
     assert [r["hd95"] for r in rows] == pytest.approx([1.0, 1.0])
     assert [r["hd95_mm"] for r in rows] == pytest.approx([SPACING[2]] * 2)
 
