@@ -12,6 +12,7 @@ teacher methods, the labeled batch itself for a labeled-only run. Evaluation yie
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.budget import select_labeled
+from datamodules.hierarchy import Hierarchy
 from datamodules.readers import H5Reader, Reader, check_image, check_label, read_list
 from datamodules.streams import SampleDataset, Stream, collate_case, stream_loaders
 from lemis.errors import ConfigError, DataError
@@ -41,6 +43,11 @@ class SegmentationDataModule(L.LightningDataModule):
         val_list, test_list, predict_list: evaluation lists (file names relative to ``root``).
         present: optional list file of the ids whose files exist; others are skipped (and counted in the log).
         num_workers: loader workers; cache: decode every file once into memory at setup.
+        coarse_mapping: {superclass id: [fine ids]} (``datamodules.hierarchy``): every training item also
+            carries ``coarse_label`` (its superclass mask) and ``granularity``; ``labeled`` then counts the
+            fine-labeled groups (stream ``labeled``: image, label, coarse_label, granularity 1) and every other
+            training item is coarse-labeled (stream ``unlabeled``: image, coarse_label, granularity 0; its fine
+            mask is read only to derive the coarse one, which replaces it when read).
     """
 
     class_names: tuple[str, ...] = ()
@@ -64,6 +71,7 @@ class SegmentationDataModule(L.LightningDataModule):
         present: str | None = None,
         num_workers: int = 2,
         cache: bool = True,
+        coarse_mapping: dict[int, list[int]] | None = None,
     ):
         super().__init__()
         self.root = Path(root)
@@ -77,6 +85,10 @@ class SegmentationDataModule(L.LightningDataModule):
         self._cache: dict[tuple, dict] = {}
         self.datasets: dict[str, Dataset] = {}
         self._streams: list[Stream] = []
+        self.hierarchy = Hierarchy.from_mapping(coarse_mapping) if coarse_mapping else None
+        if self.hierarchy and self.hierarchy.num_fine != num_classes:
+            raise ConfigError(f"data.init_args.coarse_mapping has {self.hierarchy.num_fine} fine classes (background "
+                              f"included) but data.init_args.num_classes={num_classes}.")
         self._check_streams()
 
     # ---- what a subclass provides -----------------------------------------------------------------------------
@@ -131,8 +143,9 @@ class SegmentationDataModule(L.LightningDataModule):
             # SSL4MIS's supervised script: a shuffled loader over the labeled slices, last partial batch kept.
             return [Stream("labeled", labeled, ("image", "label"), self.batch_size, drop_last=False)]
         n_lab = self.labeled_batch_size
+        unlabeled_keys = ("image", "label") if self.hierarchy else ("image",)  # coarse: label -> coarse_label
         return [Stream("labeled", labeled, ("image", "label"), n_lab),
-                Stream("unlabeled", unlabeled, ("image",), self.batch_size - n_lab)]
+                Stream("unlabeled", unlabeled, unlabeled_keys, self.batch_size - n_lab)]
 
     def _check_streams(self) -> None:
         if self.batch_size < 1:
@@ -170,6 +183,9 @@ class SegmentationDataModule(L.LightningDataModule):
         if key in self._cache:
             return self._cache[key]
         data = self.targets(stream, self.reader.read(location, keys), location)
+        if self.hierarchy and stream == "unlabeled" and "label" in data:
+            check_label(data["label"], self.num_classes, location, self.ignore_index)
+            data = {**data, "label": self.hierarchy.coarse(data["label"])}  # the fine mask is not kept
         check_image(data, location)
         if "label" in data:
             check_label(data["label"], self.num_classes, location, self.ignore_index)
@@ -208,13 +224,25 @@ class SegmentationDataModule(L.LightningDataModule):
     def _train_datasets(self) -> None:
         self._streams = self.streams()
         for stream in self._streams:
+            make = partial(self._training_sample, stream.name)
             self.datasets[stream.name] = self._dataset(stream.name, stream.items, self.train_path, stream.keys,
-                                                       lambda d: self.train_sample(d, d["case"]), self.train_list,
-                                                       "fix data.init_args.root")
+                                                       make, self.train_list, "fix data.init_args.root")
             if len(self._streams) > 1 and len(stream.items) < stream.batch_size:
                 raise ConfigError(f"the {stream.name} stream has {len(stream.items)} items, fewer than its batch "
                                   f"of {stream.batch_size} (data.init_args.batch_size / "
                                   f"data.init_args.labeled_batch_size).")
+
+    def _training_sample(self, stream: str, data: dict) -> dict:
+        """``train_sample`` of one item, plus the hierarchy's keys: the coarse mask of a fine item is derived from
+        its augmented label (nearest-neighbour transforms commute with the per-voxel mapping); a coarse item's
+        label already is its coarse mask (``_read``) and is renamed, so no ``label`` leaves the stream."""
+        sample = self.train_sample(data, data["case"])
+        if self.hierarchy is None:
+            return sample
+        if stream == "labeled":
+            return {**sample, "coarse_label": self.hierarchy.coarse(sample["label"]), "granularity": 1}
+        coarse = sample.pop("label")
+        return {**sample, "coarse_label": coarse, "granularity": 0}
 
     def setup(self, stage: str | None = None) -> None:
         if not self.root.is_dir():

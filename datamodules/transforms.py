@@ -116,6 +116,18 @@ def random_crop(image: np.ndarray, label: np.ndarray | None, patch_size: tuple[i
     return image[window].copy(), None if label is None else label[window].copy()
 
 
+def crop(image: np.ndarray, label: np.ndarray | None, patch: tuple[int, ...]):
+    """A patch of image [C, *S] (and label [*S]) whose origin is uniform; axes shorter than the patch are
+    zero-padded on both sides first."""
+    pad = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(image.shape[1:], patch)]
+    if any(sum(p) for p in pad):
+        image = np.pad(image, [(0, 0), *pad])
+        label = None if label is None else np.pad(label, pad)
+    origin = [int(torch.randint(0, s - p + 1, (1,))) for s, p in zip(image.shape[1:], patch)]
+    window = tuple(slice(o, o + p) for o, p in zip(origin, patch))
+    return image[(slice(None), *window)].copy(), None if label is None else label[window].copy()
+
+
 def la_train_transform(image: np.ndarray, label: np.ndarray | None, patch_size: tuple[int, int, int]):
     """UA-MT training transform of one volume (H, W, D): RandomRotFlip (always) then RandomCrop."""
     image, label = random_rot_flip(image, label)

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 from datamodules.base import SegmentationDataModule
-from datamodules.transforms import random_rotate, zoom_nearest
+from datamodules.transforms import crop, random_rotate, zoom_nearest
 from lemis.errors import ConfigError, DataError
+
+VOLUME_AUGMENTS = ("rot_flip_crop", "crop")
 
 
 def rot_flip(image: np.ndarray, label: np.ndarray | None):
@@ -27,18 +29,6 @@ def rot_flip(image: np.ndarray, label: np.ndarray | None):
     if label is not None:
         label = np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis).copy()
     return image, label
-
-
-def crop(image: np.ndarray, label: np.ndarray | None, patch: tuple[int, ...]):
-    """A patch of image [C, *S] (and label [*S]) whose origin is uniform; axes shorter than the patch are
-    zero-padded on both sides first."""
-    pad = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(image.shape[1:], patch)]
-    if any(sum(p) for p in pad):
-        image = np.pad(image, [(0, 0), *pad])
-        label = None if label is None else np.pad(label, pad)
-    origin = [int(torch.randint(0, s - p + 1, (1,))) for s, p in zip(image.shape[1:], patch)]
-    window = tuple(slice(o, o + p) for o, p in zip(origin, patch))
-    return image[(slice(None), *window)].copy(), None if label is None else label[window].copy()
 
 
 def slice_transform(image: np.ndarray, label: np.ndarray | None, patch: tuple[int, int]):
@@ -67,10 +57,11 @@ class VolumeDataModule(SegmentationDataModule):
     """Training items and tensors of NIfTI volumes (module docstring); a subclass finds the cases and reads them
     (its ``targets`` returns image [C, x, y, z] float32, label [x, y, z]).
 
-    Args (beyond SegmentationDataModule's): dim: 3 (patches, sliding window) or 2 (axial slices).
+    Args (beyond SegmentationDataModule's): dim: 3 (patches, sliding window) or 2 (axial slices); augment (3D):
+        ``rot_flip_crop`` (UA-MT: rot90/flip, then a random patch) or ``crop`` (a random patch only).
     """
 
-    def __init__(self, root: str, num_classes: int, dim: int = 3, **kwargs):
+    def __init__(self, root: str, num_classes: int, dim: int = 3, augment: str = "rot_flip_crop", **kwargs):
         kwargs.setdefault("patch_size", (128, 128, 128) if dim == 3 else (256, 256))
         super().__init__(root=root, num_classes=num_classes, **kwargs)
         if dim not in (2, 3):
@@ -78,7 +69,9 @@ class VolumeDataModule(SegmentationDataModule):
         if len(self.patch_size) != dim:
             raise ConfigError(f"data.init_args.patch_size={list(self.patch_size)} has {len(self.patch_size)} axes "
                               f"but data.init_args.dim={dim}.")
-        self.dim = dim
+        if augment not in VOLUME_AUGMENTS:
+            raise ConfigError(f"data.init_args.augment must be one of {VOLUME_AUGMENTS}, got {augment!r}.")
+        self.dim, self.augment = dim, augment
 
     def volume_items(self, cases: list[str], image_of: Callable[[str], object]) -> list[str]:
         """Training items: whole cases (3D) or ``case/z`` for every axial slice (2D; the depth from the header of
@@ -93,7 +86,8 @@ class VolumeDataModule(SegmentationDataModule):
             z = int(item.split("/")[1])
             image, label = slice_transform(image[..., z], None if label is None else label[..., z], self.patch_size)
         else:
-            image, label = rot_flip(image, label)
+            if self.augment == "rot_flip_crop":
+                image, label = rot_flip(image, label)
             image, label = crop(image, label, self.patch_size)
         sample = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), "case": item}
         if label is not None:
