@@ -37,7 +37,18 @@ from lightning_modules.mean_teacher import MeanTeacher
 from lightning_modules.nets.unet2d import UNet2D
 from lightning_modules.nets.vnet import VNet
 from lightning_modules.schedules import Poly
+from lightning_modules.nets.branched_unet import BranchedUNet
 from lightning_modules.sgrs import SGRS, draw_mix, masked_soft_dice, mix, regional_ce, synergy_regions
+from lightning_modules.subclass import (
+    Subclass,
+    accept,
+    hierarchical_mix,
+    mixed_target,
+    second_view,
+    soft_target_loss,
+    undo_view,
+    unsup_ramp,
+)
 from lightning_modules.supervised import Supervised
 
 # input -> (net factory, classes): the SSL4MIS UNet for ACDC slices, the VNet for LA patches.
@@ -51,16 +62,18 @@ SHAPES = {
 
 
 def fixed_batch(method: str, classes: int, shape, n_lab: int, n_unl: int, device) -> dict:
-    """One in-memory training batch in the DataModule's format (two streams for the teacher methods)."""
+    """One in-memory training batch in the DataModule's format (two streams for the teacher methods; with the
+    superclass masks of ``coarse_mapping`` {1: [1..K-1]} for subclass learning)."""
     g = torch.Generator().manual_seed(0)
     two_streams = METHODS[method].reference_loss is not None
     lab = {"image": torch.randn(n_lab if two_streams else n_lab + n_unl, 1, *shape, generator=g), "case": ["x"]}
     lab["label"] = torch.randint(0, classes, (lab["image"].shape[0], *shape), generator=g)
-    lab = {k: v.to(device) if torch.is_tensor(v) else v for k, v in lab.items()}
-    if not two_streams:
-        return lab
-    unl = {"image": torch.randn(n_unl, 1, *shape, generator=g).to(device), "case": ["x"]}
-    return {"labeled": lab, "unlabeled": unl}
+    unl = {"image": torch.randn(n_unl, 1, *shape, generator=g), "case": ["x"]}
+    if method == "subclass":
+        lab["coarse_label"] = (lab["label"] > 0).long()
+        unl["coarse_label"] = (torch.randint(0, classes, (n_unl, *shape), generator=g) > 0).long()
+    lab, unl = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in d.items()} for d in (lab, unl))
+    return {"labeled": lab, "unlabeled": unl} if two_streams else lab
 
 
 class _Clock(L.Callback):
@@ -152,13 +165,39 @@ def sgrs_loss(net, teacher, batch, step: int, dice_bg: bool) -> torch.Tensor:
             + losses.consistency_weight(step, 1.0, 40, 150) * 0.5 * (ce + dice))
 
 
+def subclass_loss(net, teacher, batch, step: int, dice_bg: bool) -> torch.Tensor:
+    """The full subclass method (PC + SN + pseudo labels + HierarchicalMix with gradient), mapping {1: [1..K-1]}."""
+    lab, unl = batch["labeled"], batch["unlabeled"]
+    n = lab["image"].shape[0]
+    out = net(torch.cat([lab["image"], unl["image"]]))
+    loss = (losses.supervised_loss(out["fine"][:n], lab["label"], dice_bg)
+            + losses.supervised_loss(out["coarse"], torch.cat([lab["coarse_label"], unl["coarse_label"]])))
+    k, axis = int(torch.randint(4, ()).item()), (-2, -1)[int(torch.randint(2, ()).item())]
+    with torch.no_grad():
+        r = undo_view(torch.softmax(net(second_view(unl["image"], k, axis))["fine"], 1), k, axis)
+    parent = (0,) + (1,) * (out["fine"].shape[1] - 1)
+    pseudo = accept(torch.softmax(out["fine"][n:].detach(), 1), r, unl["coarse_label"], parent, 0.5)
+    with torch.no_grad():
+        x_mix, y_mix, alpha = hierarchical_mix(unl["image"], unl["coarse_label"], lab["image"], lab["label"])
+    target = mixed_target(pseudo, y_mix, alpha, out["fine"].shape[1])
+    return loss + unsup_ramp(step) * soft_target_loss(net(x_mix)["fine"], target)
+
+
 @dataclass
 class Bench:
     """A benchmarked method: its module, and the plain loop's loss for it (None: the supervised loss alone,
-    a labeled-only batch; otherwise a two-stream batch and an EMA teacher)."""
+    a labeled-only batch; otherwise a two-stream batch); ``teacher``: an EMA teacher on both sides; ``net``: a
+    net factory (input, classes) replacing the input's own (``NETS``)."""
 
     build: Callable[..., L.LightningModule]
     reference_loss: Callable | None = None
+    teacher: bool = True
+    net: Callable[[str, int], torch.nn.Module] | None = None
+
+
+def branched_net(name: str, classes: int) -> BranchedUNet:
+    return BranchedUNet(1, mapping={1: list(range(1, classes))}, dims=2 if name == "acdc2d" else 3,
+                        prior_concatenation=True, separate_normalization=True)
 
 
 METHODS = {
@@ -166,6 +205,9 @@ METHODS = {
     # the consistency term is on in every step timed
     "mean_teacher": Bench(partial(MeanTeacher, consistency_gate_steps=0), mean_teacher_loss),
     "sgrs": Bench(SGRS, sgrs_loss),
+    # tau fixed at 0.5 in the reference; the module's tau(t) changes which voxels are accepted, not the arithmetic
+    "subclass": Bench(partial(Subclass, pseudo_label=True, hierarchical_mix=True), subclass_loss, teacher=False,
+                      net=branched_net),
 }
 
 
@@ -173,14 +215,14 @@ def reference_block(method: str, net, batch, warmup: int, steps: int, dice_bg: b
     """Steps/s of a plain PyTorch loop doing the same arithmetic as the module + callbacks."""
     net = net.to(device).train()
     step_loss = METHODS[method].reference_loss
-    teacher = copy.deepcopy(net).requires_grad_(False) if step_loss else None
+    teacher = copy.deepcopy(net).requires_grad_(False) if step_loss and METHODS[method].teacher else None
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     scheduler = Poly(optimizer, total_steps=warmup + steps)  # the module's default, over the Trainer's max_steps
     for step in range(warmup + steps):
         if step == warmup:
             _sync()
             start = time.perf_counter()
-        if teacher is None:
+        if step_loss is None:
             loss = losses.supervised_loss(net(batch["image"]), batch["label"], dice_bg)
         else:
             loss = step_loss(net, teacher, batch, step, dice_bg)
@@ -209,8 +251,10 @@ def speed(args) -> None:
     for name, shape, n_lab, n_unl, dice_bg in SHAPES[args.size]:
         if name not in args.inputs:
             continue
-        make_net, classes = NETS[name]
         for method in args.methods:
+            make_net, classes = NETS[name]
+            if METHODS[method].net is not None:
+                make_net = partial(METHODS[method].net, name, classes)
             batch = fixed_batch(method, classes, shape, n_lab, n_unl, device)
             fw, ref = [], []
             for block in range(args.blocks):  # AB BA AB ...: drift hits both alike, and neither is always first

@@ -14,7 +14,7 @@ import numpy as np
 
 from datamodules.phantoms.common import ellipsoid, smooth_noise
 
-TEST_SIZE = {"patch_size": [32, 32, 32], "batch_size": 2, "labeled_batch_size": 1}
+TEST_SIZE = {"patch_size": [32, 32, 32], "batch_size": 2, "labeled_batch_size": 1, "data.init_args.val_cases": 1}
 AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239.0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
 # intensity of background brain, edema, enhancing, necrosis, non-enhancing per modality
 CONTRAST = {"t1": (1.0, 0.8, 0.9, 0.5, 0.7), "t1ce": (1.0, 0.9, 2.0, 0.4, 0.8), "t2": (1.0, 1.8, 1.2, 2.0, 1.4),

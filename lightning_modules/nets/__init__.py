@@ -1,8 +1,9 @@
 """The published networks, and the registry the tests run over: a new net adds one entry to ``REGISTRY``."""
+from .branched_unet import BranchedUNet
 from .unet2d import UNet2D
 from .vnet import VNet
 
-__all__ = ["REGISTRY", "UNet2D", "VNet"]
+__all__ = ["REGISTRY", "BranchedUNet", "UNet2D", "VNet"]
 
 # name -> (a small instance, an input shape it takes [B, C, *S], K); tests/test_nets.py checks every entry's
 # output shape (every tensor of a tuple/dict output) and that every parameter gets a finite gradient.
@@ -10,4 +11,7 @@ REGISTRY = {
     "UNet2D": (lambda: UNet2D(1, 4), (2, 1, 64, 64), 4),
     "UNet2D-deconv": (lambda: UNet2D(1, 4, upsample="deconv"), (2, 1, 64, 64), 4),
     "VNet": (lambda: VNet(1, 2, has_dropout=True), (2, 1, 32, 32, 32), 2),
+    "BranchedUNet-2d-PC-SN": (lambda: BranchedUNet(1, prior_concatenation=True, separate_normalization=True),
+                              (2, 1, 64, 64), 4),
+    "BranchedUNet-3d": (lambda: BranchedUNet(4, dims=3, channels=(4, 8, 16, 32, 64)), (2, 4, 32, 32, 32), 4),
 }
