@@ -45,9 +45,9 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def config(tmp_path: Path) -> Path:
-    """experiments/acdc/mean_teacher.yaml with last.ckpt every step and KillAt."""
-    cfg = yaml.safe_load((REPO / "experiments" / "acdc" / "mean_teacher.yaml").read_text())
+def config(tmp_path: Path, experiment: str = "acdc/mean_teacher.yaml") -> Path:
+    """An experiment YAML (experiments/acdc/mean_teacher.yaml) with last.ckpt every step and KillAt."""
+    cfg = yaml.safe_load((REPO / "experiments" / experiment).read_text())
     for callback in cfg["trainer"]["callbacks"]:
         if callback.get("init_args", {}).get("save_last"):
             callback["init_args"]["every_n_train_steps"] = 1
@@ -96,7 +96,8 @@ def identical(a, b) -> bool:
     return a == b
 
 
-def assert_same_end(resumed: tuple[dict, list[dict]], whole: tuple[dict, list[dict]], start: int) -> None:
+def assert_same_end(resumed: tuple[dict, list[dict]], whole: tuple[dict, list[dict]], start: int,
+                    callbacks: tuple[str, ...] = ("EMATeacher", "RNGState")) -> None:
     """The resumed run started after ``start`` steps (not from scratch, which would also end equal) and ended
     equal to the uninterrupted run."""
     (a, a_rows), (b, b_rows) = resumed, whole
@@ -107,7 +108,7 @@ def assert_same_end(resumed: tuple[dict, list[dict]], whole: tuple[dict, list[di
         assert identical(a["state_dict"][key], b["state_dict"][key]), key
     assert identical(a["optimizer_states"], b["optimizer_states"])  # momentum buffers and LR
     assert identical(a["lr_schedulers"], b["lr_schedulers"])
-    for callback in ("EMATeacher", "RNGState"):
+    for callback in callbacks:
         assert identical(a["callbacks"][callback], b["callbacks"][callback]), callback
     # Every row the resumed run logged (losses, consistency weight, LR, validation Dice) equals the uninterrupted
     # run's row for that step.

@@ -338,3 +338,22 @@ def test_crop_augment_pads_a_smaller_slice_and_bad_options_are_refused(acdc_phan
         ACDCDataModule(str(acdc_phantom), augment="mixup")
     with pytest.raises(ConfigError, match="coarse_mapping has 3 fine classes"):
         ACDCDataModule(str(acdc_phantom), coarse_mapping={1: [1, 2]})
+
+
+def test_sigkill_then_resume_equals_uninterrupted(acdc_phantom, tmp_path):
+    """Second views, mixing partners and alpha are drawn from torch's generator: a killed run resumes them."""
+    from tests.test_resume import assert_same_end, final, fit
+    from tests.test_resume import config as resume_config
+
+    cfg = resume_config(tmp_path, "acdc/subclass.yaml")
+    extra = ["--model.init_args.tau_base=0.5", "--model.init_args.tau_every=1", "--model.init_args.ramp_every=2",
+             "--model.init_args.infer_mode=slices"]
+    whole = fit(cfg, acdc_phantom, tmp_path / "whole", *extra)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = fit(cfg, acdc_phantom, tmp_path / "runs", *extra, kill=f"7:6:{tmp_path / 'step6.ckpt'}")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = fit(cfg, acdc_phantom, tmp_path / "runs", *extra, "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    end, rows = final(tmp_path / "runs")
+    assert any(float(r.get("accepted", 0)) > 0 for r in rows)  # pseudo labels were accepted on resumed steps
+    assert_same_end((end, rows), final(tmp_path / "whole"), start=7, callbacks=("RNGState",))
