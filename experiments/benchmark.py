@@ -34,10 +34,10 @@ from callbacks.ema_teacher import EMATeacher
 from experiments.host_memory import keep_freed_memory
 from lightning_modules import losses
 from lightning_modules.mean_teacher import MeanTeacher
+from lightning_modules.nets.branched_unet import BranchedUNet
 from lightning_modules.nets.unet2d import UNet2D
 from lightning_modules.nets.vnet import VNet
 from lightning_modules.schedules import Poly
-from lightning_modules.nets.branched_unet import BranchedUNet
 from lightning_modules.sgrs import SGRS, draw_mix, masked_soft_dice, mix, regional_ce, synergy_regions
 from lightning_modules.subclass import (
     Subclass,
