@@ -73,3 +73,46 @@ def consistency_weight(step: int, weight: float, rampup: float, epoch_len: int, 
 def ema_alpha(step: int, decay: float) -> float:
     """alpha_t = min(1 - 1/(t + 1), decay): alpha_0 = 0, so the teacher equals the student after step 0."""
     return min(1.0 - 1.0 / (step + 1), decay)
+
+
+# ---- MIL / distillation (spec/methods/ikd_mil.md secs. 2-3) -------------------------------------------------------
+
+def image_dice_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """D(o, t) = 1 - (2 sum o t + 1) / (sum o + sum t + 1 + 1e-7) per image, sums over its pixels (IKD-MIL's Dice,
+    smooth 1). output, target: [B, 1, H, W] (target may be soft: the teacher's map) -> [B]."""
+    dims = tuple(range(1, output.ndim))
+    return 1 - (2 * (output * target).sum(dims) + 1) / (output.sum(dims) + target.sum(dims) + 1 + 1e-7)
+
+
+def mil_dice_loss(outputs, bag_label: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Stage 1 (target None): sum over images and outputs k of D(s_k, 1) for positive bags, D(1 - s_k, 1) for
+    negative ones (a smooth mean-pooling MIL loss); stage 2: positive bags against the teacher's map target
+    instead of 1. outputs: the net's (s1, s2, s3, f), each [B, 1, H, W]; bag_label [B] in {0, 1}."""
+    positive = bag_label.bool()
+    total = outputs[0].new_zeros(())
+    for s in outputs:
+        ones = torch.ones_like(s)
+        pos = image_dice_loss(s, ones if target is None else target)
+        neg = image_dice_loss(1 - s, ones)
+        total = total + torch.where(positive, pos, neg).sum()
+    return total
+
+
+def oeem_weights(pixel_loss: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+    """OEEM's per-pixel weights w_p = |P_i| softmax_{p in P_i}(-l_p) within each image (mean 1: easy pixels above 1),
+    and 1 over an image whose pseudo label has a single value. pixel_loss, pseudo: [B, 1, H, W] (loss detached
+    here) -> [B, 1, H, W]."""
+    flat = pixel_loss.detach().flatten(1)
+    n = flat.shape[1]
+    weights = n * torch.softmax(-flat, dim=1)
+    labels = pseudo.flatten(1)
+    single = (labels == labels[:, :1]).all(1, keepdim=True)
+    return torch.where(single, torch.ones_like(weights), weights).view_as(pixel_loss)
+
+
+def weighted_bce(prob: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+    """WCE = mean over all pixels of w_p l_p, l_p = -y log f - (1 - y) log(1 - f), f clamped to [1e-6, 1 - 1e-6];
+    w from ``oeem_weights``. prob (the fused output f), pseudo (y in {0, 1}): [B, 1, H, W]."""
+    f = prob.clamp(1e-6, 1 - 1e-6)
+    loss = -(pseudo * f.log() + (1 - pseudo) * (1 - f).log())
+    return (oeem_weights(loss, pseudo) * loss).mean()

@@ -192,3 +192,70 @@ def write_rows_csv(rows: list[dict], path) -> None:
         writer.writerows(rows)
         f.flush()
         os.fsync(f.fileno())
+
+
+# ---- histopathology images (spec/methods/ikd_mil.md sec. 7) ---------------------------------------------------------
+
+def blur_threshold(prob: np.ndarray, sigma: float = 3.0, threshold: float = 0.5) -> np.ndarray:
+    """pred = gaussian_filter(p, sigma) >= threshold (mode reflect, truncate 4: scipy's defaults, as the code)."""
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(np.asarray(prob, dtype=np.float64), sigma=sigma) >= threshold
+
+
+def f1_iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """F1 = 2TP / (2TP + FP + FN) (0 when TP = 0) and IoU = TP / (TP + FP + FN) of two boolean masks."""
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    tp, fp, fn = int((pred & gt).sum()), int((pred & ~gt).sum()), int((~pred & gt).sum())
+    if tp == 0:
+        return 0.0, 0.0
+    return 2 * tp / (2 * tp + fp + fn), tp / (tp + fp + fn)
+
+
+def contour_points(mask: np.ndarray) -> np.ndarray:
+    """(x, y) corner points of every contour of a mask, concatenated in OpenCV's order (RETR_LIST,
+    CHAIN_APPROX_SIMPLE); an empty mask gives the single point (0, 0), as the published code's extractor sees it."""
+    import cv2
+
+    contours, _ = cv2.findContours(np.asarray(mask, dtype=np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return np.zeros((1, 2))
+    return np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.float64)
+
+
+def _ranked_directed(a: np.ndarray, b: np.ndarray, rank: float) -> float:
+    """Distance from the point of ``a`` at index floor(rank (N - 1)), in a's order, to its nearest point of b."""
+    point = a[int(rank * (len(a) - 1))]
+    return float(np.sqrt(((b - point) ** 2).sum(1)).min())
+
+
+def hausdorff_cv_compat(pred: np.ndarray, gt: np.ndarray, rank: float = 0.6) -> float:
+    """The published code's Hausdorff: OpenCV's HausdorffDistanceExtractor (L2, rank proportion 0.6) on the two
+    masks' contour points. Its sort is a no-op on OpenCV 4.x column vectors, so each direction is the
+    nearest-neighbour distance of one point in contour order; the result is the larger direction. Needs only
+    ``cv2.findContours`` (the extractor is missing from the headless wheels), the rank rule is written here."""
+    a, b = contour_points(pred), contour_points(gt)
+    return max(_ranked_directed(a, b, rank), _ranked_directed(b, a, rank))
+
+
+def hausdorff_max(pred: np.ndarray, gt: np.ndarray) -> float:
+    """The symmetric Hausdorff distance (pixels) of the foreground pixel sets; NaN when one is empty."""
+    from scipy.spatial.distance import directed_hausdorff
+
+    a, b = np.argwhere(pred), np.argwhere(gt)
+    if not len(a) or not len(b):
+        return float("nan")
+    return float(max(directed_hausdorff(a, b)[0], directed_hausdorff(b, a)[0]))
+
+
+def histology_row(pred: np.ndarray, gt: np.ndarray, case: str) -> dict:
+    """One image's row: a positive image (GT has foreground) scores F1/IoU of the foreground plus its Hausdorff
+    distances, a negative one F1/IoU of the background; ``positive`` says which."""
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    positive = bool(gt.any())
+    f1, iou = f1_iou(pred, gt) if positive else f1_iou(~pred, ~gt)
+    row = {"case": case, "f1": f1, "iou": iou, "positive": int(positive),
+           "tp": int((pred & gt).sum()), "fp": int((pred & ~gt).sum()), "fn": int((~pred & gt).sum())}
+    if positive:
+        row.update({"hd_cv": hausdorff_cv_compat(pred, gt), "hd_max": hausdorff_max(pred, gt)})
+    return row
