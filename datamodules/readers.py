@@ -117,3 +117,39 @@ class NiftiReader:
             out[key] = np.stack(arrays) if isinstance(location[key], list) else arrays[0]
         out["attrs"] = {"spacing": reference[2], "affine": reference[3]} if reference else {}
         return out
+
+
+class ImageReader:
+    """2D image files (PNG, BMP, JPEG; Pillow): a location is ``{key: path}``. ``image`` becomes RGB [3, H, W]
+    float32 in [0, 1]; any other key (a mask) is read as stored, [H, W] (a mask with colour channels: its first).
+    Image and mask must share their size."""
+
+    def files(self, location: dict) -> list[Path]:
+        return [Path(p) for p in location.values()]
+
+    def read(self, location: dict, keys: tuple[str, ...]) -> dict:
+        from PIL import Image, UnidentifiedImageError
+
+        out = {}
+        for key in keys:
+            if key not in location:
+                raise DataError(f"no {key!r} file for this item (it has {sorted(location)}).")
+            path = Path(location[key])
+            if not path.is_file():
+                raise DataError(f"missing file {path}.")
+            try:
+                with Image.open(path) as image:
+                    if key == "image":
+                        array = np.moveaxis(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0, -1, 0)
+                    else:
+                        array = np.asarray(image)
+                        array = array[..., 0] if array.ndim == 3 else array
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+                raise DataError(f"cannot read {path} as an image (corrupt or truncated file: "
+                                f"{type(err).__name__}).") from None
+            out[key] = np.ascontiguousarray(array)
+        if "image" in out and "label" in out and out["image"].shape[1:] != out["label"].shape:
+            raise DataError(f"{location['label']} has size {out['label'].shape} but its image "
+                            f"{location['image']} has {out['image'].shape[1:]}.")
+        out["attrs"] = {}
+        return out
