@@ -161,7 +161,8 @@ def case_metrics(
 
 def summarize(rows: list[dict]) -> dict:
     """Means of every numeric column over cases per class, then over classes (rows without ``class``: over
-    cases), as ``<column>/<class>`` and ``<column>/mean``; ``empty`` is summed into ``n_empty``, distinct cases
+    cases), as ``<column>/<class>`` and ``<column>/mean``; a column some rows lack (a distance defined on positive
+    images only) is averaged over the rows that have it; ``empty`` is summed into ``n_empty``, distinct cases
     counted in ``n_cases``; ``step`` is not averaged.
 
     NaN (an absent mm column) propagates into the means, so a NaN mean says the column is absent.
@@ -169,11 +170,12 @@ def summarize(rows: list[dict]) -> dict:
     classes = list(dict.fromkeys(row.get("class") for row in rows))
     skip = {"case", "class", "empty", "step"}
     columns = [k for k in dict.fromkeys(k for row in rows for k in row)
-               if k not in skip and all(isinstance(row.get(k), (int, float, np.number)) and
-                                        not isinstance(row.get(k), bool) for row in rows)]
+               if k not in skip and all(isinstance(row[k], (int, float, np.number)) and
+                                        not isinstance(row[k], bool) for row in rows if k in row)]
     summary: dict = {}
     for column in columns:
-        per_class = [float(np.mean([r[column] for r in rows if r.get("class") == cls])) for cls in classes]
+        values = [[r[column] for r in rows if r.get("class") == cls and column in r] for cls in classes]
+        per_class = [float(np.mean(v)) if v else float("nan") for v in values]
         if classes != [None]:
             summary.update({f"{column}/{cls}": value for cls, value in zip(classes, per_class)})
         summary[f"{column}/mean"] = float(np.mean(per_class)) if per_class else float("nan")

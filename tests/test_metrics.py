@@ -190,6 +190,12 @@ def test_summarize_means_by_hand():
     assert s["n_cases"] == 2
 
 
+def test_summarize_averages_a_column_over_the_rows_that_have_it():
+    rows = [{"case": "a", "f1": 0.8, "hd_cv": 2.0}, {"case": "b", "f1": 0.4}, {"case": "c", "f1": 0.3, "hd_cv": 4.0}]
+    s = summarize(rows)
+    assert s["f1/mean"] == pytest.approx(0.5) and s["hd_cv/mean"] == pytest.approx(3.0) and s["n_cases"] == 3
+
+
 def test_write_rows_csv_round_trip(tmp_path):
     pred, gt = _label_maps()
     rows = case_metrics(pred, gt, num_classes=3, case="p1") + case_metrics(gt, gt, num_classes=3, case="p2")
