@@ -110,9 +110,29 @@ def oeem_weights(pixel_loss: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor
     return torch.where(single, torch.ones_like(weights), weights).view_as(pixel_loss)
 
 
-def weighted_bce(prob: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
-    """WCE = mean over all pixels of w_p l_p, l_p = -y log f - (1 - y) log(1 - f), f clamped to [1e-6, 1 - 1e-6];
-    w from ``oeem_weights``. prob (the fused output f), pseudo (y in {0, 1}): [B, 1, H, W]."""
+def bce_map(prob: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+    """l_p = -y log f - (1 - y) log(1 - f), f clamped to [1e-6, 1 - 1e-6]; prob, pseudo [B, 1, H, W]."""
     f = prob.clamp(1e-6, 1 - 1e-6)
-    loss = -(pseudo * f.log() + (1 - pseudo) * (1 - f).log())
-    return (oeem_weights(loss, pseudo) * loss).mean()
+    return -(pseudo * f.log() + (1 - pseudo) * (1 - f).log())
+
+
+def prob_logit_ce_map(prob: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+    """The IKD-MIL code's CE (quirk Q2): cross-entropy with the probabilities [1 - f, f] taken as logits, i.e.
+    softplus(2f - 1) where y = 0 and softplus(1 - 2f) where y = 1."""
+    return F.softplus((1 - 2 * pseudo) * (2 * prob - 1))
+
+
+def oeem_weighted_mean(pixel_loss: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+    """WCE = mean over all pixels of w_p l_p with w from ``oeem_weights``."""
+    return (oeem_weights(pixel_loss, pseudo) * pixel_loss).mean()
+
+
+def generalised_mean_bce(outputs, bag_label: torch.Tensor, r: float = 4.0) -> torch.Tensor:
+    """DWS-MIL's stage-1 loss: BCE of each image's generalised mean (mean p^r)^(1/r) against its bag label, summed
+    over images and the outputs (s1, s2, s3, f)."""
+    target = bag_label.to(outputs[0].dtype)
+    total = outputs[0].new_zeros(())
+    for s in outputs:
+        pooled = s.flatten(1).clamp_min(1e-6).pow(r).mean(1).pow(1 / r).clamp(1e-6, 1 - 1e-6)
+        total = total + F.binary_cross_entropy(pooled, target, reduction="sum")
+    return total

@@ -98,10 +98,14 @@ def test_oeem_weights_and_weighted_ce_of_the_hand_example():
     assert square.flatten().tolist() == pytest.approx([1.5, 1.5, 0.5, 0.5])
 
 
-def test_weighted_bce_uses_the_thresholded_teacher_as_lemis_default():
+def test_ce_forms_of_the_hand_example():
     f = torch.tensor([0.9, 0.2]).view(1, 1, 1, 2)
-    pseudo = (torch.tensor([0.97, 1.0]).view(1, 1, 1, 2) >= 0.5).float()  # lemis: y = [1, 1] (single class: w = 1)
-    assert losses.weighted_bce(f, pseudo).item() == pytest.approx((0.105361 + 1.609438) / 2, abs=1e-6)
+    q = torch.tensor([0.97, 1.0]).view(1, 1, 1, 2)
+    code = losses.prob_logit_ce_map(f, q.long().float())  # the code: y = trunc(q) = [0, 1]
+    assert code.flatten().tolist() == pytest.approx([1.171101, 1.037488], abs=1e-6)
+    lemis = losses.bce_map(f, (q >= 0.5).float())  # lemis: y = [1, 1] (single class: weights 1)
+    assert lemis.flatten().tolist() == pytest.approx([0.105361, 1.609438], abs=1e-6)
+    assert losses.oeem_weighted_mean(lemis, (q >= 0.5).float()).item() == pytest.approx(lemis.mean().item())
 
 
 # ---- sec. 7: metrics -----------------------------------------------------------------------------------------

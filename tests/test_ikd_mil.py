@@ -1,0 +1,129 @@
+"""IKD-MIL (spec/methods/ikd_mil.md): the role reversal of the hand example (sec. 11), the stage switch, one
+distillation step, whole-image inference, and both stages plus a reversal end to end on the GlaS phantom."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from callbacks.role_reversal import RoleReversal
+from datamodules.phantoms import make_glas
+from experiments.__main__ import main
+from lemis.errors import ConfigError
+from lightning_modules.ikd_mil import IKDMIL
+from lightning_modules.nets.vgg_mil import VGGMIL
+from tests.conftest import REPO
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)
+
+
+def fill(module: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(value)
+
+
+class FakeTrainer:
+    def __init__(self, optimizer):
+        self.optimizers = [optimizer]
+
+
+def reversal_setup(student_from: str, optimizer_state: str):
+    module = nn.Module()
+    module.net, module.teacher = Tiny(), Tiny()
+    module.register_buffer("stage", torch.tensor(2))
+    fill(module.teacher, 1.0)
+    fill(module.net, 2.0)
+    optimizer = torch.optim.Adam(module.net.parameters())
+    module.net.conv.weight.grad = torch.ones_like(module.net.conv.weight)
+    module.net.conv.bias.grad = torch.ones_like(module.net.conv.bias)
+    optimizer.step()  # moments exist; S moved a little: re-fill so the example is exact
+    fill(module.net, 2.0)
+    callback = RoleReversal(stage1_epochs=1, first=1, every=1, student_from=student_from,
+                            optimizer_state=optimizer_state)
+    callback.best = {k: v.clone() for k, v in module.net.state_dict().items()}  # best student = S
+    return module, optimizer, callback
+
+
+@pytest.mark.parametrize("student_from,student_value", [("previous_teacher", 1.0), ("teacher", 2.0)])
+@pytest.mark.parametrize("optimizer_state", ["keep", "reset"])
+def test_role_reversal_of_the_hand_example(student_from, student_value, optimizer_state):
+    module, optimizer, callback = reversal_setup(student_from, optimizer_state)
+    params = list(module.net.parameters())
+    moments = optimizer.state[params[0]]["exp_avg"].clone()
+    callback.reverse(FakeTrainer(optimizer), module)
+    assert all((p == 2.0).all() for p in module.teacher.parameters())
+    assert all((p == student_value).all() for p in module.net.parameters())
+    assert optimizer.param_groups[0]["params"][0] is params[0]  # the optimizer still holds S's parameters
+    if optimizer_state == "keep":
+        assert torch.equal(optimizer.state[params[0]]["exp_avg"], moments)
+    else:
+        assert len(optimizer.state) == 0
+    assert callback.round == 0  # -1 before: the stage switch counts as round 0
+
+
+def test_stage_switch_freezes_the_best_teacher_and_restarts_the_student():
+    module = IKDMIL(net=VGGMIL())
+    callback = RoleReversal(stage1_epochs=1, first=2, every=1)
+    callback.setup(None, module, "fit")
+    initial = {k: v.clone() for k, v in module.net.state_dict().items()}
+    fill(module.net, 0.5)
+    callback.best = {k: v.clone() for k, v in module.net.state_dict().items()}
+    fill(module.net, 0.7)
+    optimizer = torch.optim.Adam(module.net.parameters())
+    optimizer.state[next(module.net.parameters())]["step"] = torch.tensor(3.0)
+    callback.switch_stage(FakeTrainer(optimizer), module)
+    assert int(module.stage) == 2 and callback.round == 0 and len(optimizer.state) == 0
+    assert all((p == 0.5).all() for p in module.teacher.parameters())
+    assert all(torch.equal(module.net.state_dict()[k], v) for k, v in initial.items())
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+
+
+def test_distillation_step_and_mask_refusal():
+    torch.manual_seed(0)
+    module = IKDMIL(net=VGGMIL())
+    module.teacher = VGGMIL().requires_grad_(False)
+    module.stage.fill_(2)
+    batch = {"image": torch.randn(2, 3, 16, 16), "bag_label": torch.tensor([1, 0])}
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert loss.item() > 0 and all(p.grad is not None for p in module.net.parameters())
+    assert all(p.grad is None for p in module.teacher.parameters())
+    with pytest.raises(ConfigError, match="must not carry a pixel mask"):
+        module.training_step({**batch, "label": torch.zeros(2, 16, 16)}, 0)
+
+
+def test_whole_image_inference_at_native_size():
+    module = IKDMIL(net=VGGMIL().eval(), roi_size=(32, 32))  # the ROI is not used by whole-image inference
+    probs = module.predict_case(torch.randn(1, 3, 21, 30))
+    assert probs.shape == (1, 2, 21, 30) and torch.allclose(probs.sum(1), torch.ones(1, 21, 30))
+
+
+def test_both_stages_and_a_reversal_run_on_the_phantom(tmp_path):
+    root = make_glas(tmp_path / "glas")
+    cfg = yaml.safe_load((REPO / "experiments" / "glas" / "ikd_mil.yaml").read_text())
+    (reversal,) = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("RoleReversal")]
+    reversal["init_args"].update(stage1_epochs=1, first=2, every=2)  # switch after epoch 0, reverse after 2
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["fit", "--config", str(tmp_path / "run.yaml"), f"--data.init_args.root={root}",
+            "--data.init_args.patch_size=[32,32]", "--data.init_args.crop_size=32", "--data.init_args.crop_stride=16",
+            "--data.init_args.batch_size=4", "--data.init_args.num_workers=0", "--trainer.max_epochs=3",
+            "--trainer.limit_train_batches=2", "--trainer.log_every_n_steps=1", "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    assert main(args) == 0
+    (run,) = (tmp_path / "runs").glob("*/version_0")
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert int(state["state_dict"]["stage"]) == 2 and state["callbacks"]["RoleReversal"]["round"] == 1
+    assert any(k.startswith("teacher.") for k in state["state_dict"])
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert any(r.get("loss/mil") for r in rows) and any(r.get("loss/kd") for r in rows)
+    per_case = list(csv.DictReader(open(run / "per_case_val.csv")))
+    assert {"f1", "iou", "dice", "positive", "hd_cv"} <= set(per_case[0])
+    assert len([r for r in rows if r.get("val/f1/mean")]) == 3  # one validation an epoch
