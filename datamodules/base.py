@@ -202,10 +202,15 @@ class SegmentationDataModule(L.LightningDataModule):
             first = next(f for f in self.reader.files(path_of(missing[0])) if not f.is_file())
             raise DataError(f"{len(missing)} of the {len(items)} files named by {list_name} are missing (first: "
                             f"{first}); {hint}, or skip absent ids with --data.init_args.present=FILE.")
-        for item in items:
-            self._read(path_of(item), keys, stream)
+        self.check_items(stream, items, path_of, keys)
         load = lambda item: {**self._read(path_of(item), keys, stream), "case": item}  # noqa: E731
         return SampleDataset(items, load, make)
+
+    def check_items(self, stream: str, items: list[str], path_of: Callable, keys: tuple[str, ...]) -> None:
+        """Read every item once before training (a damaged file fails now, not at step 10,000). A DataModule
+        whose items are regions of a few large files (slides) checks each file once instead."""
+        for item in items:
+            self._read(path_of(item), keys, stream)
 
     def eval_cases(self, stage: str) -> list[str]:
         """Case ids of an evaluation stage (val/test/predict) from its list file."""

@@ -185,3 +185,45 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     saturation = np.ascontiguousarray(hsv[..., 1])
     threshold, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     return saturation > threshold
+
+
+class SlideRegionReader:
+    """A ``datamodules.base`` reader of slide regions: a location is ``{"slide": path, "x0", "y0" (level 0),
+    "level", "size", "xml": path | None}``; ``image`` -> RGB [3, size, size] float32 in [0, 1], ``label`` -> the
+    tumour mask of the region rasterised from the ASAP XML (zeros without one). Slides are opened once per
+    process (DataLoader workers open their own)."""
+
+    def __init__(self, backend: str = "tifffile"):
+        if backend not in BACKENDS:
+            raise DataError(f"data.init_args.reader must be one of {BACKENDS}, got {backend!r}.")
+        self.backend = backend
+        self._open: dict[tuple[int, str], Slide] = {}
+        self._polygons: dict[str, dict] = {}
+
+    def slide(self, path) -> Slide:
+        import os
+
+        key = (os.getpid(), str(path))
+        if key not in self._open:
+            self._open[key] = Slide(path, self.backend)
+        return self._open[key]
+
+    def polygons(self, xml) -> dict[str, list[np.ndarray]]:
+        if str(xml) not in self._polygons:
+            self._polygons[str(xml)] = read_asap(xml)
+        return self._polygons[str(xml)]
+
+    def files(self, location: dict) -> list[Path]:
+        return [Path(location["slide"])] + ([Path(location["xml"])] if location.get("xml") else [])
+
+    def read(self, location: dict, keys: tuple[str, ...]) -> dict:
+        slide, level, size = self.slide(location["slide"]), location["level"], location["size"]
+        out: dict = {"attrs": {}}
+        if "image" in keys:
+            region = slide.read_region((location["x0"], location["y0"]), level, (size, size))
+            out["image"] = np.moveaxis(region.astype(np.float32) / 255.0, -1, 0)
+        if "label" in keys:
+            polygons = self.polygons(location["xml"]) if location.get("xml") else {"tumour": [], "exclusion": []}
+            out["label"] = rasterise(polygons, (size, size), slide.downsamples[level],
+                                     (location["x0"], location["y0"])).astype(np.uint8)
+        return out

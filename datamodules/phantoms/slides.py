@@ -12,6 +12,8 @@ import numpy as np
 
 from datamodules.phantoms.common import ellipsoid, smooth_noise
 
+TEST_SIZE = {"patch_size": [32, 32], "batch_size": 4, "data.init_args.stride": 32,
+             "data.init_args.val_slides": "[tumor_002,normal_002]"}
 GLASS, TISSUE, TUMOUR = (np.array(c) for c in ((0.96, 0.96, 0.97), (0.90, 0.62, 0.78), (0.50, 0.28, 0.58)))
 
 
@@ -73,3 +75,26 @@ def make_slide(path, rng: np.random.Generator, size: tuple[int, int] = (512, 768
     texture = 0.04 * np.stack([smooth_noise(rng, (h, w), 2.0) for _ in range(3)], -1)
     rgb = (255 * np.clip(colour + texture, 0, 1)).astype(np.uint8)
     return write_pyramid(path, rgb, levels), asap_xml(tumours, exclusions)
+
+
+def make_camelyon16(root, n_normal: int = 2, n_tumor: int = 2, n_test: int = 2, size: tuple[int, int] = (512, 768),
+                    seed: int = 0) -> Path:
+    """The official Camelyon16 layout with phantom slides: training/{normal,tumor}, lesion XMLs of the tumour
+    slides, testing/images (odd test ids tumour, even normal), their XMLs and reference.csv."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    slides = ([("training/normal", f"normal_{i:03d}", 0) for i in range(1, n_normal + 1)]
+              + [("training/tumor", f"tumor_{i:03d}", 1) for i in range(1, n_tumor + 1)]
+              + [("testing/images", f"test_{i:03d}", i % 2) for i in range(1, n_test + 1)])
+    reference = []
+    for folder, name, tumour in slides:
+        _, xml = make_slide(root / folder / f"{name}.tif", rng, size, n_tumours=tumour)
+        if tumour:
+            annotations = root / folder.split("/")[0] / "lesion_annotations"
+            annotations.mkdir(parents=True, exist_ok=True)
+            (annotations / f"{name}.xml").write_text(xml)
+        if folder.startswith("testing"):
+            reference.append(f"{name},{'Tumor' if tumour else 'Normal'}" + (",Macro" if tumour else ""))
+    if reference:
+        (root / "testing" / "reference.csv").write_text("\n".join(reference) + "\n")
+    return root
