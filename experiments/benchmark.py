@@ -1,4 +1,4 @@
-"""`python -m experiments.benchmark speed|data|infer|faults [--quick|--full]` (spec/benchmarks.md).
+"""`python -m experiments.benchmark speed|data|infer|faults|slides [--quick|--full]` (spec/benchmarks.md).
 
 speed: per method and input shape, the LightningModule's training step run by ``lightning.Trainer`` (logging and
 callbacks on, a fixed in-memory batch) against a plain PyTorch loop doing the same arithmetic (same net, losses,
@@ -6,6 +6,7 @@ EMA update, optimizer and LR schedule), alternated AB BA AB ... in one process; 
 framework/reference with its spread, and peak memory.
 data: samples/s delivered by each DataModule's training loader (published transforms) next to the model's steps/s.
 infer: seconds per whole case of evaluation (prediction, then the metric rows), 2D slice-wise and 3D sliding window.
+slides: patches/s read by region from a pyramidal TIFF by each slide reader (tifffile + zarr, OpenSlide).
 faults: minor page faults per allocation of a 64 MiB tensor, with lemis's host-memory setting and with glibc's
 defaults (each in a fresh process): what ``experiments.host_memory.keep_freed_memory`` saves every training step.
 """
@@ -351,6 +352,37 @@ def data(args) -> None:
         print(f"| {name} | {args.workers} | {args.batches} | {rate:.1f} |", flush=True)
 
 
+def slides(args) -> None:
+    """Patches/s read by region from a pyramidal JPEG TIFF (a generated slide of ``--slide-side`` x 1.5 that many
+    pixels, 3 levels), by each slide reader, at two levels, in random places (8 reads warm the file cache first)."""
+    from datamodules.phantoms.slides import make_slide
+    from datamodules.slides import BACKENDS, Slide
+
+    side = args.slide_side
+    path = Path(f".cache/phantoms/bench_slide_{side}.tif")
+    if not path.is_file():
+        import numpy as np
+
+        make_slide(path, np.random.default_rng(0), size=(side, side * 3 // 2), n_tumours=2, levels=3)
+    print("| reader | level | patch | patches | patches/s |")
+    print("|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for backend in BACKENDS:
+        for level in (0, 1):
+            with Slide(path, backend) as slide:
+                width, height = slide.dimensions[0]
+                d = int(slide.downsamples[level])
+                places = [(int(torch.randint(0, width - 256 * d, ()).item()),
+                           int(torch.randint(0, height - 256 * d, ()).item())) for _ in range(args.batches * 4)]
+                for place in places[:8]:
+                    slide.read_region(place, level, (256, 256))
+                start = time.perf_counter()
+                for place in places:
+                    slide.read_region(place, level, (256, 256))
+                rate = len(places) / (time.perf_counter() - start)
+            print(f"| {backend} | {level} | 256 | {len(places)} | {rate:.1f} |", flush=True)
+
+
 FAULTS = """
 import resource, sys, torch
 from experiments.host_memory import keep_freed_memory
@@ -383,7 +415,7 @@ def faults(args) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("speed", "data", "infer", "faults"))
+    parser.add_argument("what", choices=("speed", "data", "infer", "faults", "slides"))
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="size", action="store_const", const="quick")
     size.add_argument("--full", dest="size", action="store_const", const="full")
@@ -396,6 +428,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--cases", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--slide-side", type=int, default=4096)
     parser.add_argument("--root-acdc", type=Path)
     parser.add_argument("--root-la", type=Path)
     args = parser.parse_args(argv)
@@ -405,7 +438,7 @@ def main(argv=None) -> int:
     print(f"# lemis benchmark {args.what} ({args.size}); torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {'cuda:' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, "
           f"host malloc {'keeps freed memory' if kept else 'glibc default'}")
-    {"speed": speed, "data": data, "infer": infer, "faults": faults}[args.what](args)
+    {"speed": speed, "data": data, "infer": infer, "faults": faults, "slides": slides}[args.what](args)
     return 0
 
 

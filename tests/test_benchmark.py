@@ -50,10 +50,10 @@ def test_faults_prints_both_modes(capsys):
     assert [r[0].strip() for r in rows[1:]][1] == "glibc default"
     assert all(float(r[2]) >= 0 for r in rows[1:])
 def test_speed_prints_a_row_per_method(capsys):
-    assert main(["speed", "--quick", "--inputs", "acdc2d", "--methods", "supervised", "mean_teacher",
+    assert main(["speed", "--quick", "--inputs", "acdc2d", "--methods", "supervised", "mean_teacher", "subclass",
                  "--blocks", "2", "--warmup", "1", "--steps", "1"]) == 0
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert [r[0].strip() for r in rows[1:]] == ["supervised", "mean_teacher"]
+    assert [r[0].strip() for r in rows[1:]] == ["supervised", "mean_teacher", "subclass"]
     for row in rows[1:]:
         fw, ref, ratio = float(row[3]), float(row[4]), float(row[5].split()[0])
         assert fw > 0 and ref > 0 and ratio > 0
@@ -66,3 +66,12 @@ def test_infer_prints_seconds_per_case(capsys):
     name, shape, roi, stride, predict, metrics = (cell.strip() for cell in rows[0])
     assert (shape, roi, stride) == ("10x256x232", "64x64", "slices")
     assert float(predict) > 0 and float(metrics) > 0
+
+
+def test_slides_prints_a_row_per_reader_and_level(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the generated slide goes under ./.cache
+    assert main(["slides", "--slide-side", "768", "--batches", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows[1:]] == [("tifffile", "0"), ("tifffile", "1"),
+                                                                ("openslide", "0"), ("openslide", "1")]
+    assert all(float(r[4]) > 0 for r in rows[1:])
