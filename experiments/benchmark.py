@@ -366,12 +366,12 @@ def slides(args) -> None:
         make_slide(path, np.random.default_rng(0), size=(side, side * 3 // 2), n_tumours=2, levels=3)
     print("| reader | level | patch | patches | patches/s |")
     print("|---|---|---|---|---|")
-    torch.manual_seed(0)  # the same places for each reader
     for backend in BACKENDS:
         for level in (0, 1):
             with Slide(path, backend) as slide:
                 width, height = slide.dimensions[0]
                 d = int(slide.downsamples[level])
+                torch.manual_seed(level)  # the same places for each reader
                 places = [(int(torch.randint(0, width - 256 * d, ()).item()),
                            int(torch.randint(0, height - 256 * d, ()).item())) for _ in range(args.batches * 4)]
                 for place in places[:8]:
