@@ -11,7 +11,9 @@ The only writer of a module's ``teacher`` and ``stage`` (``lightning_modules.ikd
    swap) or <- the new teacher (``teacher``: the released code, whose ``state_dict`` aliasing gives both nets the
    best-student weights, quirk Q4). Weights are copied in place, so the optimizer keeps the student's parameter
    objects; ``optimizer_state: keep`` leaves Adam's moments, ``reset`` clears them.
-The state (initial and best weights, best score, stage, round) travels with checkpoints.
+After the switch and each reversal, every callback with an ``on_teacher_changed(trainer, pl_module, round)`` hook
+is called (``callbacks.pseudo_labels.PseudoLabelRefresh`` refreshes its pool there). The state (initial and best
+weights, best score, round) travels with checkpoints; the stage is the module's buffer.
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ class RoleReversal(L.Callback):
             optimizer.state.clear()
         pl_module.stage.fill_(2)
         self.best, self.best_score, self.round = None, float("-inf"), 0
+        self.announce(trainer, pl_module)
 
     @torch.no_grad()
     def reverse(self, trainer, pl_module) -> None:
@@ -94,6 +97,14 @@ class RoleReversal(L.Callback):
             for optimizer in trainer.optimizers:
                 optimizer.state.clear()
         self.round += 1
+        self.announce(trainer, pl_module)
+
+    def announce(self, trainer, pl_module) -> None:
+        """Tell every callback with an ``on_teacher_changed`` hook (``PseudoLabelRefresh``) the new round."""
+        for callback in getattr(trainer, "callbacks", []):
+            hook = getattr(callback, "on_teacher_changed", None)
+            if hook is not None:
+                hook(trainer, pl_module, self.round)
 
     def state_dict(self) -> dict:
         return {"initial": self.initial, "best": self.best, "best_score": self.best_score, "round": self.round}

@@ -53,3 +53,11 @@ class DeclaresStreams(Protocol):
     labeled-only run, ``("labeled", "unlabeled")`` for the teacher methods, any names a method needs)."""
 
     stream_names: tuple[str, ...]
+
+
+@runtime_checkable
+class UsesPseudoPool(Protocol):
+    """``pseudo_pool``: a ``callbacks.pseudo_labels.PseudoPool`` (the teacher's maps of the training items by case
+    id, ``lookup(cases, like)``) or None; written only by ``PseudoLabelRefresh``, read by the method's step."""
+
+    pseudo_pool: object | None

@@ -59,15 +59,23 @@ class IKDMIL(SegmentationModule):
                               f"{self.hparams.num_classes}.")
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
         self.teacher: torch.nn.Module | None = None  # written by callbacks.role_reversal.RoleReversal only
+        self.pseudo_pool = None  # the teacher's maps (callbacks.pseudo_labels.PseudoLabelRefresh), else online
         self.register_buffer("stage", torch.tensor(1))
 
     def check_setup(self, trainer, datamodule, stage: str) -> None:
+        from callbacks.pseudo_labels import PseudoLabelRefresh
         from callbacks.role_reversal import RoleReversal
 
         super().check_setup(trainer, datamodule, stage)
-        if stage == "fit" and not any(isinstance(c, RoleReversal) for c in trainer.callbacks):
+        if stage != "fit":
+            return
+        if not any(isinstance(c, RoleReversal) for c in trainer.callbacks):
             raise ConfigError("IKDMIL needs the callbacks.role_reversal.RoleReversal callback in trainer.callbacks "
                               "(it switches the stages and reverses the roles).")
+        pooled = any(isinstance(c, PseudoLabelRefresh) and c.source == "pool" for c in trainer.callbacks)
+        if pooled and self.hparams.neg_pseudo == "teacher":
+            raise ConfigError("model.init_args.neg_pseudo=teacher needs the teacher's maps of negative images too: "
+                              "use PseudoLabelRefresh source: online (the pool holds positive images only).")
 
     # ---- the net's output -----------------------------------------------------------------------------------
     def logits(self, output) -> torch.Tensor:
@@ -97,8 +105,11 @@ class IKDMIL(SegmentationModule):
             self.log_step({"loss/mil": loss})
             return loss
         with torch.no_grad():
-            self.teacher.eval()
-            q = self.teacher(image)[3]
+            if self.pseudo_pool is not None:
+                q = self.pseudo_pool.lookup(batch["case"], outputs[3].detach())
+            else:
+                self.teacher.eval()
+                q = self.teacher(image)[3]
         loss_kd = losses.mil_dice_loss(outputs, bag, target=q)
         pseudo = self.pseudo_labels(q, bag)
         pixel = (losses.bce_map if self.hparams.ce_form == "bce" else losses.prob_logit_ce_map)(outputs[3], pseudo)

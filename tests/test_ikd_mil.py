@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 
+import h5py
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -13,6 +15,7 @@ from callbacks.role_reversal import RoleReversal
 from datamodules.phantoms import make_glas
 from experiments.__main__ import main
 from lemis.errors import ConfigError
+from lemis.files import read_manifest
 from lightning_modules.ikd_mil import IKDMIL
 from lightning_modules.nets.vgg_mil import VGGMIL
 from tests.conftest import REPO
@@ -127,3 +130,92 @@ def test_both_stages_and_a_reversal_run_on_the_phantom(tmp_path):
     per_case = list(csv.DictReader(open(run / "per_case_val.csv")))
     assert {"f1", "iou", "dice", "positive", "hd_cv"} <= set(per_case[0])
     assert len([r for r in rows if r.get("val/f1/mean")]) == 3  # one validation an epoch
+    # the pool of each round, complete, and the last one equals the final teacher's maps
+    for round_ in (0, 1):
+        assert read_manifest(run / "pseudo_labels" / f"round_{round_:02d}")["round"] == round_
+    with h5py.File(run / "pseudo_labels" / "round_01" / "pool.h5") as f:
+        q, cases = f["q"][()], [c.decode() for c in f["case"][()]]
+    assert cases == sorted(cases) and q.dtype == np.float16 and q.shape[1:] == (1, 32, 32)
+    teacher = VGGMIL()
+    teacher.load_state_dict({k[len("teacher."):]: v for k, v in state["state_dict"].items()
+                             if k.startswith("teacher.")})
+    from datamodules.glas import GlaSDataModule
+
+    dm = GlaSDataModule(str(root), patch_size=(32, 32), crop_size=32, crop_stride=16, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    index = {dm.datasets["labeled"][i]["case"]: i for i in range(len(dm.datasets["labeled"]))}
+    with torch.no_grad():
+        expected = teacher.eval()(dm.datasets["labeled"][index[cases[0]]]["image"][None])[3][0].numpy()
+    assert np.allclose(q[0].astype(np.float32), expected, atol=1e-3)
+
+
+def test_pool_and_online_teacher_give_the_same_step(tmp_path):
+    from callbacks.pseudo_labels import PseudoPool
+
+    torch.manual_seed(0)
+    module = IKDMIL(net=VGGMIL())
+    module.teacher = VGGMIL().requires_grad_(False).eval()
+    module.stage.fill_(2)
+    batch = {"image": torch.randn(3, 3, 16, 16), "bag_label": torch.tensor([1, 0, 1]), "case": ["a", "b", "c"]}
+    with torch.no_grad():
+        q = module.teacher(batch["image"])[3]
+    with h5py.File(tmp_path / "pool.h5", "w") as f:
+        f["q"] = q[[0, 2]].numpy()
+        f["case"] = ["a", "c"]
+    module.net.eval()  # no dropout/BN noise between the two steps
+    online = module.training_step(batch, 0)
+    module.pseudo_pool = PseudoPool(tmp_path / "pool.h5")
+    pooled = module.training_step(batch, 0)
+    assert torch.allclose(online, pooled)
+    assert torch.equal(module.pseudo_pool.lookup(["b"], q[:1])[0], torch.zeros_like(q[0]))
+
+
+def test_sigkill_in_distillation_then_resume_equals_uninterrupted(tmp_path):
+    """Killed mid-epoch in stage 2 (the pool of round 0 written, the next reversal not yet): the resumed run reopens
+    that pool where the killed run wrote it and ends bit-identical to an uninterrupted run."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_resume import KILL, final, identical
+
+    root = make_glas(tmp_path / "glas")
+    cfg = yaml.safe_load((REPO / "experiments" / "glas" / "ikd_mil.yaml").read_text())
+    for callback in cfg["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("RoleReversal"):
+            callback["init_args"].update(stage1_epochs=1, first=2, every=1)
+        if callback.get("init_args", {}).get("save_last"):
+            callback["init_args"]["every_n_train_steps"] = 1
+    cfg["trainer"]["callbacks"].append({"class_path": "tests.test_resume.KillAt"})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+
+    def fit(out, *extra, kill=None):
+        args = ["--config", str(tmp_path / "run.yaml"), f"--data.init_args.root={root}",
+                "--data.init_args.patch_size=[32,32]", "--data.init_args.crop_size=32",
+                "--data.init_args.crop_stride=16", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
+                "--trainer.max_epochs=4", "--trainer.limit_train_batches=3", "--trainer.log_every_n_steps=1",
+                "--trainer.accelerator=cpu", "--trainer.deterministic=true", "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false", f"--trainer.logger.init_args.save_dir={out}", *extra]
+        env = {k: v for k, v in os.environ.items() if k != KILL} | {"OMP_NUM_THREADS": "1"} | \
+            ({KILL: kill} if kill else {})
+        return subprocess.run([sys.executable, "-m", "experiments", "fit", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    whole = fit(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = fit(tmp_path / "runs", kill=f"8:7:{tmp_path / 'step7.ckpt'}")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = fit(tmp_path / "runs", "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (a, a_rows), (b, b_rows) = final(tmp_path / "runs"), final(tmp_path / "whole")
+    assert int(a_rows[0]["step"]) == 9 and a["global_step"] == b["global_step"] == 12
+    for key in b["state_dict"]:
+        assert identical(a["state_dict"][key], b["state_dict"][key]), key
+    assert identical(a["optimizer_states"], b["optimizer_states"])
+    assert identical(a["callbacks"]["RoleReversal"], b["callbacks"]["RoleReversal"])
+    assert a_rows == [row for row in b_rows if int(row["step"]) > 8]
+    killed_run = next((tmp_path / "runs").glob("*/version_0"))
+    # round 1 written after epoch 2 by the resumed run; round 0 read where the killed run wrote it
+    assert a["callbacks"]["PseudoLabelRefresh"]["round"] == b["callbacks"]["PseudoLabelRefresh"]["round"] == 1
+    assert (killed_run / "pseudo_labels" / "round_00" / "manifest.json").is_file()
+    assert not (killed_run / "pseudo_labels" / "round_01").exists()
