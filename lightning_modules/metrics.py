@@ -252,7 +252,8 @@ def hausdorff_max(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def histology_row(pred: np.ndarray, gt: np.ndarray, case: str) -> dict:
     """One image's row: a positive image (GT has foreground) scores F1/IoU of the foreground plus its Hausdorff
-    distances, a negative one F1/IoU of the background; ``positive`` says which; ``dice`` is the foreground Dice
+    distances, a negative one F1/IoU of the background; ``positive`` says which, and ``f1_pos``/``iou_pos`` or
+    ``f1_neg``/``iou_neg`` repeat them so that a split's summary has the means per kind; ``dice`` is the foreground Dice
     (1 on a negative image predicted empty, else 0 there); ``tp``/``fp``/``fn`` give the pooled pixel Dice of a
     split, 2 sum tp / (2 sum tp + sum fp + sum fn)."""
     pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
@@ -261,6 +262,8 @@ def histology_row(pred: np.ndarray, gt: np.ndarray, case: str) -> dict:
     dice = f1 if positive else float(not pred.any())  # foreground Dice; the lemis empty rule on a negative image
     row = {"case": case, "dice": dice, "f1": f1, "iou": iou, "positive": int(positive),
            "tp": int((pred & gt).sum()), "fp": int((pred & ~gt).sum()), "fn": int((~pred & gt).sum())}
+    kind = "pos" if positive else "neg"
+    row.update({f"f1_{kind}": f1, f"iou_{kind}": iou})  # summarize averages each over its own images
     if positive:
         row.update({"hd_cv": hausdorff_cv_compat(pred, gt), "hd_max": hausdorff_max(pred, gt)})
     return row

@@ -125,6 +125,7 @@ def test_positive_and_negative_image_rows():
     row = histology_row(pred, gt, "pos")
     assert row["f1"] == pytest.approx(0.8) and row["iou"] == pytest.approx(2 / 3)
     assert row["hd_cv"] == 0.0 and row["hd_max"] == 1.0 and row["positive"] == 1
+    assert row["f1_pos"] == row["f1"] and "f1_neg" not in row
     negative = np.zeros((4, 4), bool)
     fp = negative.copy()
     fp[0, :2] = True

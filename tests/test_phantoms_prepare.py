@@ -195,7 +195,7 @@ def test_ensure_phantoms_caches(tmp_path):
     with pytest.raises(ValueError, match="other root"):
         ensure_phantoms("acdc", root, **{**kw, "n_train": 3})
     with pytest.raises(ValueError, match="unknown phantom kind"):
-        ensure_phantoms("digestpath", tmp_path / "c")
+        ensure_phantoms("kvasir", tmp_path / "c")
 
 
 def test_ensure_phantoms_redoes_an_unfinished_root(tmp_path):

@@ -17,9 +17,10 @@ import inspect
 import json
 from pathlib import Path
 
-from datamodules.phantoms import acdc, brats, glas, la, nnunet, slides
+from datamodules.phantoms import acdc, brats, digestpath, glas, la, nnunet, slides
 from datamodules.phantoms.acdc import make_acdc
 from datamodules.phantoms.brats import make_brats
+from datamodules.phantoms.digestpath import make_digestpath
 from datamodules.phantoms.glas import make_glas
 from datamodules.phantoms.la import LA_FOLDER, make_la
 from datamodules.phantoms.nnunet import make_nnunet
@@ -27,7 +28,7 @@ from datamodules.phantoms.slides import make_camelyon16
 from lemis.files import atomic_path
 
 __all__ = ["LA_FOLDER", "MARKER", "PHANTOMS", "ensure_phantoms", "make_acdc", "make_brats", "make_camelyon16",
-           "make_glas", "make_la", "make_nnunet"]
+           "make_digestpath", "make_glas", "make_la", "make_nnunet"]
 
 MARKER = ".complete"
 # DataModule class path -> (phantom kind, maker, the options that shrink its experiments for tests: a bare name
@@ -37,14 +38,15 @@ PHANTOMS = {"datamodules.acdc.ACDCDataModule": ("acdc", make_acdc, acdc.TEST_SIZ
             "datamodules.nnunet.NnUNetDataModule": ("nnunet", make_nnunet, nnunet.TEST_SIZE),
             "datamodules.brats.BraTSDataModule": ("brats", make_brats, brats.TEST_SIZE),
             "datamodules.glas.GlaSDataModule": ("glas", make_glas, glas.TEST_SIZE),
-            "datamodules.camelyon16.Camelyon16DataModule": ("camelyon16", make_camelyon16, slides.TEST_SIZE)}
+            "datamodules.camelyon16.Camelyon16DataModule": ("camelyon16", make_camelyon16, slides.TEST_SIZE),
+            "datamodules.digestpath.DigestPathDataModule": ("digestpath", make_digestpath, digestpath.TEST_SIZE)}
 
 _MAKERS = {kind: maker for kind, maker, _ in PHANTOMS.values()}
 
 
 def ensure_phantoms(kind: str, root, **kw) -> Path:
     """Generate the ``kind`` phantom (a kind of ``PHANTOMS``: "acdc", "la", "nnunet", "brats", "glas",
-    "camelyon16") in ``root`` unless ``root/.complete`` is there.
+    "camelyon16", "digestpath") in ``root`` unless ``root/.complete`` is there.
 
     The marker is written last and records the parameters, so an interrupted generation is redone on the next
     call, and a root made with other parameters is refused rather than silently reused.
