@@ -147,6 +147,17 @@ class SegmentationDataModule(L.LightningDataModule):
         return [Stream("labeled", labeled, ("image", "label"), n_lab),
                 Stream("unlabeled", unlabeled, unlabeled_keys, self.batch_size - n_lab)]
 
+    def image_label_stream(self, keys: tuple[str, ...]) -> list[Stream]:
+        """The stream of a DataModule with image-level labels (``bag_label``; histopathology): every training item,
+        full batches, ``keys`` read (``("image",)``, or with ``"label"`` where the mask only derives the image
+        label); the budget's groups are the items' images or slides (``train_units``)."""
+        groups, items, _ = self.split()
+        self.labeled_groups = groups
+        if len(items) < self.batch_size:
+            raise ConfigError(f"{type(self).__name__} gives {len(items)} training items, fewer than "
+                              f"data.init_args.batch_size={self.batch_size}.")
+        return [Stream("labeled", items, keys, self.batch_size, drop_last=True)]
+
     def _check_streams(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"data.init_args.batch_size must be >= 1, got {self.batch_size}.")

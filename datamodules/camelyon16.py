@@ -254,13 +254,8 @@ class Camelyon16DataModule(SegmentationDataModule):
         return self.location(case)
 
     def streams(self) -> list[Stream]:
-        """One stream of patches with image-level labels; the mask is not read (keys: image)."""
-        _, items, _ = self.split()
-        self.labeled_groups = sorted({self.patches[i]["slide"] for i in items})
-        if len(items) < self.batch_size:
-            raise ConfigError(f"Camelyon16 gives {len(items)} training patches, fewer than data.init_args.batch_size="
-                              f"{self.batch_size}.")
-        return [Stream("labeled", items, ("image",), self.batch_size, drop_last=True)]
+        """One stream of patches with image-level labels; the mask is not read."""
+        return self.image_label_stream(("image",))
 
     def check_items(self, stream: str, items: list[str], path_of: Callable, keys: tuple[str, ...]) -> None:
         """Each slide opened once (its patches are regions of it) and each annotation parsed once."""

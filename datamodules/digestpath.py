@@ -172,12 +172,8 @@ class DigestPathDataModule(SegmentationDataModule):
         return super()._read(location, tuple(location), "crops")
 
     def streams(self) -> list[Stream]:
-        _, items, _ = self.split()
-        self.labeled_groups = sorted({self.crops[i]["image"] for i in items})
-        if len(items) < self.batch_size:
-            raise ConfigError(f"DigestPath gives {len(items)} training crops, fewer than data.init_args.batch_size="
-                              f"{self.batch_size}.")
-        return [Stream("labeled", items, ("image",), self.batch_size, drop_last=True)]
+        """One stream of crops with image-level labels; no mask is read."""
+        return self.image_label_stream(("image",))
 
     def _crop_tensor(self, data: dict, item: str) -> torch.Tensor:
         return normalise(torch.from_numpy(data["image"][self.crops[item]["index"]].astype(np.float32) / 255))

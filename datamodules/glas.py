@@ -166,13 +166,8 @@ class GlaSDataModule(SegmentationDataModule):
         return self.location(case)
 
     def streams(self) -> list[Stream]:
-        """One stream of weakly labeled crops (its masks are read only to derive ``bag_label``); full batches."""
-        _, items, _ = self.split()
-        self.labeled_groups = sorted({i.split(":", 1)[0] for i in items})
-        if len(items) < self.batch_size:
-            raise ConfigError(f"GlaS gives {len(items)} training crops, fewer than data.init_args.batch_size="
-                              f"{self.batch_size}.")
-        return [Stream("labeled", items, ("image", "label"), self.batch_size, drop_last=True)]
+        """One stream of weakly labeled crops (its masks are read only to derive ``bag_label``)."""
+        return self.image_label_stream(("image", "label"))
 
     # ---- samples --------------------------------------------------------------------------------------------
     def targets(self, stream: str, data: dict, location) -> dict:
