@@ -170,9 +170,13 @@ def test_pool_and_online_teacher_give_the_same_step(tmp_path):
     assert torch.equal(module.pseudo_pool.lookup(["b"], q[:1])[0], torch.zeros_like(q[0]))
 
 
-def test_sigkill_in_distillation_then_resume_equals_uninterrupted(tmp_path):
-    """Killed mid-epoch in stage 2 (the pool of round 0 written, the next reversal not yet): the resumed run reopens
-    that pool where the killed run wrote it and ends bit-identical to an uninterrupted run."""
+@pytest.mark.parametrize("kill_step", [8, 9])
+def test_sigkill_in_distillation_then_resume_equals_uninterrupted(tmp_path, kill_step):
+    """Killed in stage 2 when ``kill_step`` steps are done: mid-epoch (8: the pool of round 0 written, the next
+    reversal not yet) or at the next epoch's first batch (9: the last checkpoint is the one written after epoch
+    2's validation, RoleReversal's best already updated since it is listed first, and before its reversal, which
+    the resumed run performs):
+    the resumed run reopens the pool where the killed run wrote it and ends bit-identical to an uninterrupted run."""
     import os
     import subprocess
     import sys
@@ -203,19 +207,18 @@ def test_sigkill_in_distillation_then_resume_equals_uninterrupted(tmp_path):
 
     whole = fit(tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = fit(tmp_path / "runs", kill=f"8:7:{tmp_path / 'step7.ckpt'}")
+    killed = fit(tmp_path / "runs", kill=f"{kill_step}:1:{tmp_path / 'step1.ckpt'}")
     assert killed.returncode == -9, killed.stderr[-3000:]
     resumed = fit(tmp_path / "runs", "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (a, a_rows), (b, b_rows) = final(tmp_path / "runs"), final(tmp_path / "whole")
-    assert int(a_rows[0]["step"]) == 9 and a["global_step"] == b["global_step"] == 12
+    start = int(a_rows[0]["step"]) - 1  # the step of the checkpoint the resumed run started from
+    assert start == kill_step and a["global_step"] == b["global_step"] == 12
     for key in b["state_dict"]:
         assert identical(a["state_dict"][key], b["state_dict"][key]), key
     assert identical(a["optimizer_states"], b["optimizer_states"])
     assert identical(a["callbacks"]["RoleReversal"], b["callbacks"]["RoleReversal"])
-    assert a_rows == [row for row in b_rows if int(row["step"]) > 8]
+    assert a_rows == [row for row in b_rows if int(row["step"]) > start]
     killed_run = next((tmp_path / "runs").glob("*/version_0"))
-    # round 1 written after epoch 2 by the resumed run; round 0 read where the killed run wrote it
     assert a["callbacks"]["PseudoLabelRefresh"]["round"] == b["callbacks"]["PseudoLabelRefresh"]["round"] == 1
     assert (killed_run / "pseudo_labels" / "round_00" / "manifest.json").is_file()
-    assert not (killed_run / "pseudo_labels" / "round_01").exists()
