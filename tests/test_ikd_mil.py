@@ -174,8 +174,8 @@ def test_pool_and_online_teacher_give_the_same_step(tmp_path):
 def test_sigkill_in_distillation_then_resume_equals_uninterrupted(tmp_path, kill_step):
     """Killed in stage 2 when ``kill_step`` steps are done: mid-epoch (8: the pool of round 0 written, the next
     reversal not yet) or at the next epoch's first batch (9: the last checkpoint is the one written after epoch
-    2's validation, RoleReversal's best already updated since it is listed first, and before its reversal, which
-    the resumed run performs):
+    2's validation, RoleReversal's best already updated since Lightning runs checkpoint callbacks last, and
+    before its reversal, which the resumed run performs):
     the resumed run reopens the pool where the killed run wrote it and ends bit-identical to an uninterrupted run."""
     import os
     import subprocess
