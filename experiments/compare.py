@@ -257,7 +257,7 @@ def report(spec: Spec) -> str:
         raise ConfigError(f"no finished run under {spec.out} yet (python -m experiments.compare run {spec.file}).")
     groups = {label(m, b): [summarize(last_rows(spec.run_dir(m, b, s), spec.stage)) for s in seeds]
               for (m, b), seeds in done.items()}
-    pairs = [(m, spec.baseline) for m in spec.methods if m != spec.baseline] + list(spec.contrasts)
+    pairs = list(dict.fromkeys([(m, spec.baseline) for m in spec.methods if m != spec.baseline] + list(spec.contrasts)))
     lines = [f"# Comparison {spec.name} (last checkpoint, {spec.stage} split)", "", table(groups), "",
              f"Paired differences (Dice points; same seed and budget) to {spec.baseline} and the spec's contrasts: "
              f"per seed, and per case pooled over seeds.", "",

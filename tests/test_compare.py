@@ -44,7 +44,7 @@ def test_compare_resumes_skips_and_tabulates(acdc_phantom, tmp_path, capsys):
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump({
         "name": "tiny", "out": str(tmp_path / "runs"), "seeds": [1, 2], "baseline": "supervised", "common": common,
-        "contrasts": [["supervised", "mean_teacher"]],
+        "contrasts": [["supervised", "mean_teacher"], ["mean_teacher", "supervised"]],  # 2nd = a baseline row
         "methods": {"supervised": {"config": str(every_step_config("supervised", tmp_path))},
                     "mean_teacher": {"config": str(every_step_config("mean_teacher", tmp_path)),
                                      "overrides": ["--data.init_args.labeled_batch_size=2"]}}}))
@@ -78,7 +78,7 @@ def test_compare_resumes_skips_and_tabulates(acdc_phantom, tmp_path, capsys):
         ours, base = (last_rows(spec.run_dir(m, None, seed), "val") for m in ("mean_teacher", "supervised"))
         diffs.append(100 * (summarize(ours)["dice/mean"] - summarize(base)["dice/mean"]))
         assert case_scores(ours).keys() == case_scores(base).keys()
-    (row,) = [line for line in report if line.startswith("| mean_teacher | supervised | 2 |")]
+    (row,) = [line for line in report if line.startswith("| mean_teacher | supervised | 2 |")]  # once, not twice
     assert row.split("|")[4].strip() == ", ".join(f"{d:+.1f}" for d in diffs)
     assert f"{np.mean(diffs):+.1f} ±" in row.split("|")[5] and "undecided (< 3 seeds)" in row
     (contrast,) = [line for line in report if line.startswith("| supervised | mean_teacher | 2 |")]  # reversed
