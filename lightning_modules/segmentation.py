@@ -3,8 +3,9 @@
 Every method subclasses this and overrides ``training_step``; inference and metrics exist once, here. Its seams
 (each one overridable method or one option): the optimizer and scheduler are injected (``param_groups`` says what
 they optimise), ``logits`` maps a tuple/dict net output to the evaluated logits, ``label_map`` post-processes,
-``score_case`` scores, ``INFER_MODES`` lists ``_predict_<mode>`` methods, ``init_weights`` loads a file into the
-net before any callback copies it. What callbacks read from a module is declared in ``lightning_modules.contracts``.
+``score_case`` scores, ``summarize_rows`` summarises the rows, ``INFER_MODES`` lists ``_predict_<mode>`` methods,
+``init_weights`` loads a file into the net (or one of its submodules) before any callback copies it. What
+callbacks read from a module is declared in ``lightning_modules.contracts``.
 """
 from __future__ import annotations
 
@@ -56,12 +57,14 @@ class WeightsFile:
 
     path: a state dict or a Lightning checkpoint (its ``state_dict``); prefix: keep the keys that start with it,
     stripped (``net.`` takes a lemis checkpoint's student); strict: every key must match; sha256: the file's
-    digest, checked when given."""
+    digest, checked when given; into: the submodule of the net that receives the weights (``encoder``: a
+    pre-trained encoder into the UNet's down path; unset: the whole net)."""
 
     path: str
     prefix: str = ""
     strict: bool = True
     sha256: str | None = None
+    into: str = ""
 
 
 def load_weights(net: nn.Module, spec: WeightsFile, option: str = "model.init_args.init_weights") -> None:
@@ -85,7 +88,11 @@ def load_weights(net: nn.Module, spec: WeightsFile, option: str = "model.init_ar
         if not state:
             raise ConfigError(f"weights file {path} has no key starting with {spec.prefix!r} ({option}.prefix).")
     try:
-        net.load_state_dict(state, strict=spec.strict)
+        target = net.get_submodule(spec.into)
+    except AttributeError:
+        raise ConfigError(f"the net has no submodule {spec.into!r} to load {path} into ({option}.into).") from None
+    try:
+        target.load_state_dict(state, strict=spec.strict)
     except RuntimeError as err:
         detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
         raise ConfigError(f"weights file {path} does not fit the net (model.init_args.net): {detail}") from None
@@ -237,10 +244,7 @@ class SegmentationModule(L.LightningModule):
         and the net takes the data's images (one forward of zeros shaped like one ROI of the stage's first image,
         in eval mode, so no statistics or random state change)."""
         if stage == "fit":
-            try:  # built once on the side: a bad value fails here, not after the run directory exists
-                self.build_optimizer(self.schedule_length(trainer))
-            except (ValueError, TypeError) as err:
-                raise ConfigError(f"model.init_args.optimizer / lr_scheduler: {err}.") from None
+            self.check_schedule(trainer)
         self.resolve_roi(datamodule)
         self.take_ignore_index(datamodule)
         k, data_k = self.hparams.num_classes, getattr(datamodule, "num_classes", self.hparams.num_classes)
@@ -262,6 +266,14 @@ class SegmentationModule(L.LightningModule):
         if out.shape[1] != k:
             raise ConfigError(f"the net (model.init_args.net) outputs {out.shape[1]} channels but "
                               f"model.init_args.num_classes={k}: set the net's number of output classes to {k}.")
+
+    def check_schedule(self, trainer) -> None:
+        """The optimizer and scheduler, built once on the side: a bad value fails here, not after the run
+        directory exists."""
+        try:
+            self.build_optimizer(self.schedule_length(trainer))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"model.init_args.optimizer / lr_scheduler: {err}.") from None
 
     # ---- whole-case inference -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -354,6 +366,12 @@ class SegmentationModule(L.LightningModule):
         return case_metrics(pred, gt, self.hparams.num_classes, case["case"][0], spacing, self._class_names(),
                             self.hparams.empty_convention)
 
+    def summarize_rows(self, rows: list[dict]) -> dict:
+        """The logged summary of one evaluation's rows (all ranks'): ``metrics.summarize``, the mean of every
+        numeric column. A scorer whose metrics are not means of per-case values (macro F1 over cases) returns
+        its own summary, with ``n_cases``."""
+        return summarize(rows)
+
     def _class_names(self):
         dm = getattr(self.trainer, "datamodule", None)
         return getattr(dm, "class_names", None)
@@ -372,7 +390,7 @@ class SegmentationModule(L.LightningModule):
         rows, self._rows = self._gather_rows(), []
         if not rows:
             return
-        summary = summarize(rows)
+        summary = self.summarize_rows(rows)
         for key, value in summary.items():
             if not (isinstance(value, float) and math.isnan(value)):
                 self.log(f"{stage}/{key}", float(value), sync_dist=False, rank_zero_only=False)

@@ -1,4 +1,5 @@
 """Every experiment YAML runs a few steps + whole-case validation on phantoms; the CLI's bad-input messages."""
+import math
 from pathlib import Path
 
 import h5py
@@ -39,10 +40,13 @@ def test_experiment_runs_on_phantoms(config, acdc_phantom, la_phantom, tmp_path)
     summary = cli.model.last_summary["val"]
     assert cli.trainer.global_step == 2
     assert cli.model.roi_size == cli.datamodule.patch_size  # inference ROI follows a patch override
-    assert 0.0 <= summary["dice/mean"] <= 1.0 and summary["n_cases"] >= 1
+    # a segmentation, classification or ranking score (the last NaN when the phantom's val cases share a grade)
+    scores = {k: summary[k] for k in ("dice/mean", "f1", "recall", "rank_accuracy") if k in summary}
+    assert scores and summary["n_cases"] >= 1
+    assert all(0.0 <= v <= 1.0 for k, v in scores.items() if not (k == "rank_accuracy" and math.isnan(v)))
     assert (run / "per_case_val.csv").is_file() and (run / "config.yaml").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    assert any((run / "images").glob("*.png")) or "demo" in config.name
+    assert any((run / "images").glob("*.png")) or "ImageLogger" not in config.read_text()
 
 
 def test_validate_test_predict_from_checkpoint(acdc_phantom, la_phantom, tmp_path):
