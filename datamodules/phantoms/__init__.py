@@ -39,7 +39,11 @@ PHANTOMS = {"datamodules.acdc.ACDCDataModule": ("acdc", make_acdc, acdc.TEST_SIZ
             "datamodules.brats.BraTSDataModule": ("brats", make_brats, brats.TEST_SIZE),
             "datamodules.glas.GlaSDataModule": ("glas", make_glas, glas.TEST_SIZE),
             "datamodules.camelyon16.Camelyon16DataModule": ("camelyon16", make_camelyon16, slides.TEST_SIZE),
-            "datamodules.digestpath.DigestPathDataModule": ("digestpath", make_digestpath, digestpath.TEST_SIZE)}
+            "datamodules.digestpath.DigestPathDataModule": ("digestpath", make_digestpath, digestpath.TEST_SIZE),
+            # SEMISE (datamodules.severity) on the ACDC phantom: a graded batch the phantom fills, a warm-up that
+            # fits the tests' two steps
+            "datamodules.severity.ACDCSeverityDataModule": ("acdc", make_acdc, {
+                **acdc.TEST_SIZE, "graded_batch_size": 4, "model.init_args.lr_scheduler.init_args.warmup_steps": 1})}
 
 _MAKERS = {kind: maker for kind, maker, _ in PHANTOMS.values()}
 
