@@ -8,6 +8,9 @@ __all__ = ["REGISTRY", "BranchedUNet", "UNet2D", "VGGMIL", "VNet"]
 
 # name -> (a small instance, an input shape it takes [B, C, *S], K); tests/test_nets.py checks every entry's
 # output shape (every tensor of a tuple/dict output) and that every parameter gets a finite gradient.
+# Not here: lite_medsam.LiteMedSAM (CLISC stage 2), a pretrained box-prompted net, forward(images, boxes): it
+# carries unused point/mask-prompt weights for its strict load, and a 256^2 backward takes ~40 s on one core;
+# tests/test_lite_medsam.py checks it.
 REGISTRY = {
     "UNet2D": (lambda: UNet2D(1, 4), (2, 1, 64, 64), 4),
     "UNet2D-deconv": (lambda: UNet2D(1, 4, upsample="deconv"), (2, 1, 64, 64), 4),
