@@ -1,6 +1,6 @@
 """A stage runner for multi-stage methods (CLISC: CAM -> SAM masks -> UNet -> S3F; SEMISE: pre-train ->
 downstream): stages with declared inputs and outputs, each in its own folder, skipped when done, rerun when an
-input changed, timed; one call runs the chain.
+input or option changed, timed; one call runs the chain.
 
 A stage is done when its folder holds a manifest (``lemis.files.write_manifest``: the sha256 of every declared
 output, the digests of the input manifests it read, its wall time), written last. A stage killed or failed leaves
@@ -10,6 +10,7 @@ it runs again.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,13 +31,15 @@ class Stage:
 
     name: its folder under the pipeline root; run(folder, inputs) does the work, writing into ``folder`` (inputs:
     {stage name: its folder} of the stages it reads); inputs: names of earlier stages; outputs: the files (relative
-    to ``folder``) it must leave.
+    to ``folder``) it must leave; params: the options it ran with (JSON values), recorded in its manifest: a stage
+    whose params changed runs again.
     """
 
     name: str
     run: Callable[[Path, dict[str, Path]], None]
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = field(default_factory=tuple)
+    params: dict = field(default_factory=dict)
 
 
 class Pipeline:
@@ -57,9 +60,9 @@ class Pipeline:
         return self.root / name
 
     def is_current(self, stage: Stage) -> bool:
-        """Done, and the inputs it read are still the ones recorded."""
+        """Done, with the params and the inputs it read still the ones recorded."""
         record = read_manifest(self.folder(stage.name))
-        if record is None:
+        if record is None or record.get("params", {}) != json.loads(json.dumps(stage.params)):
             return False
         return record["inputs"] == {name: manifest_digest(self.folder(name)) for name in stage.inputs}
 
@@ -89,7 +92,8 @@ class Pipeline:
             # run_id: a rerun always changes the digest its readers recorded, even when its outputs and wall time
             # come out the same (a rounded wall time alone made that depend on machine load)
             write_manifest(folder, stage.outputs, {"inputs": {n: manifest_digest(p) for n, p in inputs.items()},
-                                                   "wall_s": round(wall, 3), "run_id": uuid.uuid4().hex})
+                                                   "params": stage.params, "wall_s": round(wall, 3),
+                                                   "run_id": uuid.uuid4().hex})
             status[stage.name] = "done"
             log(f"lemis: stage {stage.name}: done in {wall:.1f} s")
         return status

@@ -59,3 +59,18 @@ def test_missing_output_and_bad_pipelines(tmp_path):
         Pipeline([Stage("a", print), Stage("a", print)], tmp_path)
     with pytest.raises(ConfigError, match="reads 'b', which is not an earlier stage"):
         Pipeline([Stage("a", print, inputs=("b",)), Stage("b", print)], tmp_path)
+
+
+def test_a_changed_option_reruns_the_stage(tmp_path):
+    calls = []
+
+    def write(folder, inputs):
+        calls.append(1)
+        (folder / "out.txt").write_text("x")
+
+    def run(params):
+        return Pipeline([Stage("a", write, outputs=("out.txt",), params=params)], tmp_path).run(log=lambda _: None)
+
+    assert run({"epochs": 2, "path": None}) == {"a": "done"}
+    assert run({"epochs": 2, "path": None}) == {"a": "skipped"}
+    assert run({"epochs": 3, "path": None}) == {"a": "done"} and len(calls) == 2
