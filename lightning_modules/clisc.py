@@ -1,16 +1,48 @@
 """CLISC: unsupervised whole-tumour segmentation (Ma et al., ISBI 2025, arXiv 2501.16246; spec/methods/clisc.md;
 the authors' code ``HiLab-git/CLISC``). No stage reads a label.
 
-This file holds the label-free rules of the stages as functions on arrays (volumes (D, H, W) = (z, y, x)), each
-checked by the spec's hand examples: stage 0's offline slice labeller, certainty and majority vote; stage 1's
-binarised-CAM clean-up; stage 2's box prompts, the LiteMedSAM 256 frame and histogram equalisation; stage 3's
-largest component and the S3F keep rule. The stage runner, the CAM classifier, LiteMedSAM and the 3D UNet
-follow (issue "CLISC").
+The label-free rules of the stages are functions on arrays (volumes (D, H, W) = (z, y, x)), each checked by the
+spec's hand examples: stage 0's offline slice labeller, certainty and majority vote; stage 1's binarised-CAM
+clean-up; stage 2's box prompts, the LiteMedSAM 256 frame and histogram equalisation; stage 3's largest component
+and the S3F keep rule.
+
+Below them, the chain on ``lemis.stages`` (FLAIR, whole tumour), one folder a stage under OUT:
+
+    python -m lightning_modules.clisc RAW_BRATS_ROOT OUT [--until STAGE] [--rerun STAGE] [stage:--key=value ...]
+
+- ``slice_labels``: the offline intensity labeller, the 0.6 certainty and the +-5 majority vote on every slice of
+  every case -> ``slice_labels.json``;
+- ``cam``: a MONAI ResNet slice classifier on the certain slices of the training cases, LayerCAM, AMDA retraining,
+  binarisation, 3D opening and the component rule -> ``masks/<case>.nii.gz`` (and the classifiers and CAMs);
+- ``sam``: LiteMedSAM box-prompted on every slice of the CAM mask (the dilated box), image embeddings cached
+  (fp16, keyed by case, slice and the checkpoint's sha256) -> ``masks/<case>.nii.gz``.
+Stage 3 (3D UNet self-training, S3F) is still to come. Masks are written in the FLAIR file's geometry.
 """
 from __future__ import annotations
 
+import argparse
+import copy
+import dataclasses
+import gzip
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
 from scipy import ndimage
+from torch import nn
+
+from datamodules.brats import brain_box, find_cases, modality_file
+from datamodules.readers import NiftiReader
+from lemis.errors import ConfigError, DataError, LemisError
+from lemis.files import MANIFEST, atomic_path
+from lemis.stages import Pipeline, Stage
 
 CERTAIN = 0.6
 CUBE = np.ones((3, 3, 3), dtype=bool)  # 26-neighbourhood / 3x3x3 all-ones structure
@@ -131,9 +163,13 @@ def equalise(image: np.ndarray) -> np.ndarray:
     """A slice min-max scaled to uint8, then globally histogram-equalised (OpenCV's rule)."""
     import cv2
 
+    return cv2.equalizeHist(to_uint8(image))
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A slice min-max scaled to uint8: round(255 (x - min) / (max - min)); a constant slice gives zeros."""
     lo, hi = float(image.min()), float(image.max())
-    scaled = np.zeros(image.shape, np.uint8) if hi == lo else np.round(255 * (image - lo) / (hi - lo)).astype(np.uint8)
-    return cv2.equalizeHist(scaled)
+    return np.zeros(image.shape, np.uint8) if hi == lo else np.round(255 * (image - lo) / (hi - lo)).astype(np.uint8)
 
 
 def point_prompts(cam_mask_2d: np.ndarray, image: np.ndarray, box: tuple[int, int, int, int]):
@@ -163,3 +199,566 @@ def s3f_keep(scores: dict[str, float], ratio: float = 0.8) -> list[str]:
     """Cases by S3F score descending (ties: case id ascending), the first floor(ratio N), at least one."""
     order = sorted(scores, key=lambda case: (-scores[case], case))
     return order[:max(int(np.floor(ratio * len(order))), 1)] if order else []
+
+
+# ---- reading FLAIR (never a label) --------------------------------------------------------------------------------
+
+@dataclass
+class Flair:
+    """One case's FLAIR, preprocessed: ``volume`` (D, H, W) float32 cropped to ``box`` of the full (z, y, x) volume
+    of ``full_shape``; ``affine`` of the file, for writing masks back in its geometry."""
+
+    volume: np.ndarray
+    box: tuple[slice, ...]
+    full_shape: tuple[int, ...]
+    affine: np.ndarray
+
+
+def find_flair(root: str | Path) -> dict[str, dict]:
+    """{case: {"flair": path, "mask": brain mask path or None}} of every BraTS case folder under ``root`` (2017+ or
+    DeepMedic 2013/2015 layout, ``datamodules.brats``); one sentence naming the path when it is missing or has no
+    FLAIR. Label files are neither listed nor checked."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} not found (the raw BraTS folder CLISC reads).")
+    found = find_cases(root)
+    if not found:
+        raise DataError(f"no BraTS case folder under {root} (expected <case>/<case>_flair.nii.gz or "
+                        f"<case>/Flair_subtrMeanDivStd.nii.gz).")
+    cases = {}
+    for case, where in found.items():
+        flair = modality_file(case, where, "flair")
+        if not flair.is_file():
+            raise DataError(f"{flair} not found: CLISC segments from FLAIR.")
+        mask = where["folder"] / "brainmask.nii.gz" if where["layout"] == "2015" else None
+        if mask is not None and not mask.is_file():
+            raise DataError(f"{mask} not found (the 2013/2015 layout's brain mask).")
+        cases[case] = {"flair": flair, "mask": mask}
+    return cases
+
+
+def preprocess(raw: np.ndarray) -> np.ndarray:
+    """The authors' preprocessing of a cropped FLAIR: clip at the 99.9th percentile of the crop (background
+    included), then z-score with the crop's mean and std: x' = (min(x, q99.9) - mean) / std."""
+    clipped = np.minimum(raw, np.percentile(raw, 99.9))
+    return ((clipped - clipped.mean()) / max(float(clipped.std()), 1e-8)).astype(np.float32)
+
+
+def read_flair(source: dict) -> Flair:
+    """A case's FLAIR (x, y, z) file -> (z, y, x), cropped to the brain's inclusive box and ``preprocess``ed. The brain
+    is the non-zero FLAIR (2017+), or the 2013/2015 brain mask, whose FLAIR is already z-scored: its background is
+    set below every brain value so that M = x > min(x) holds after preprocessing too."""
+    keys = ("image", "mask") if source["mask"] else ("image",)
+    data = NiftiReader().read({"image": source["flair"], "mask": source["mask"]}, keys)
+    raw = data["image"].astype(np.float32).transpose(2, 1, 0)
+    brain = data["mask"].transpose(2, 1, 0) > 0.5 if source["mask"] else raw != 0
+    if source["mask"] and brain.any():
+        raw = np.where(brain, raw, raw[brain].min() - 1)
+    box = brain_box(brain)
+    return Flair(preprocess(raw[box]), box, raw.shape, data["attrs"]["affine"])
+
+
+def write_mask(path: Path, mask: np.ndarray, flair: Flair) -> None:
+    """A (D, H, W) mask of the crop, pasted into the full volume and written as uint8 NIfTI in the FLAIR file's
+    geometry; gzip without a timestamp, so equal masks give equal files (and manifest digests)."""
+    import nibabel as nib
+
+    full = np.zeros(flair.full_shape, np.uint8)
+    full[flair.box] = mask
+    image = nib.Nifti1Image(full.transpose(2, 1, 0), flair.affine)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(gzip.compress(image.to_bytes(), mtime=0))
+
+
+def read_mask(path: Path, flair: Flair) -> np.ndarray:
+    """A mask written by ``write_mask`` -> (D, H, W) bool on the case's crop."""
+    return NiftiReader().read({"mask": path}, ("mask",))["mask"].transpose(2, 1, 0)[flair.box] > 0
+
+
+def write_json(path: Path, value) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+
+
+# ---- stage 0: slice labels of every case ------------------------------------------------------------------------
+
+@dataclass
+class SliceLabelOptions:
+    """The offline labeller (k, tau, gamma, min_brain) and the majority vote (radius, max_gap, min_voters)."""
+
+    k: float = 3.0
+    tau: float = 0.01
+    gamma: float = 2.0
+    min_brain: float = 0.05
+    radius: int = 5
+    max_gap: int = 6
+    min_voters: int = 9
+
+
+def label_case(volume: np.ndarray, o: SliceLabelOptions) -> list[dict]:
+    """Per slice {"z", "p", "certain", "raw", "final"}: the labeller's rows, with the majority vote over the certain
+    slices as "final" (None for uncertain slices, never used downstream)."""
+    rows = intensity_slice_labels(volume, o.k, o.tau, o.gamma, o.min_brain)
+    certain = [r for r in rows if r["certain"]]
+    final = majority_vote([r["z"] for r in certain], [r["raw"] for r in certain], o.radius, o.max_gap, o.min_voters)
+    for row in rows:
+        row["final"] = None
+    for row, label in zip(certain, final):
+        row["final"] = label
+    return rows
+
+
+def slice_labels_stage(cases: dict[str, dict], o: SliceLabelOptions):
+    def run(folder: Path, inputs: dict[str, Path]) -> None:
+        labels = {case: label_case(read_flair(source).volume, o) for case, source in cases.items()}
+        write_json(folder / "slice_labels.json", {"labeller": "intensity", "cases": labels})
+    return run
+
+
+# ---- stage 1: slice classifier, LayerCAM, AMDA -------------------------------------------------------------------
+
+@dataclass
+class CamOptions:
+    """The classifier (MONAI ResNet ``depth``; ``pretrained_path``: a torchvision-layout ImageNet state dict, random
+    init when unset), its training (published: Adam 1e-4, StepLR 7 epochs x 0.1, batch 8, seed 42; 400 epochs
+    published, 30 lemis), LayerCAM at ``layer``, the threshold (a number or ``otsu``) and AMDA (``cam_guided``,
+    ``intensity_only`` or ``off``; ``amda_k`` = 0.8)."""
+
+    depth: int = 50
+    pretrained_path: str | None = None
+    input_size: int = 224
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-4
+    step_epochs: int = 7
+    step_gamma: float = 0.1
+    seed: int = 42
+    val_fraction: float = 0.125
+    layer: str = "layer3"
+    cam_threshold: float | str = 0.27
+    amda: str = "cam_guided"
+    amda_k: float = 0.8
+    keep_originals: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.depth not in (10, 18, 34, 50, 101, 152, 200):
+            raise ConfigError(f"cam:--depth={self.depth}: MONAI's ResNets have depth 10, 18, 34, 50, 101, 152, 200.")
+        if self.amda not in ("cam_guided", "intensity_only", "off"):
+            raise ConfigError(f"cam:--amda={self.amda}: expected cam_guided, intensity_only or off.")
+        if self.cam_threshold != "otsu" and not (isinstance(self.cam_threshold, (int, float))
+                                                 and 0 < self.cam_threshold < 1):
+            raise ConfigError(f"cam:--cam_threshold={self.cam_threshold}: expected a number in (0, 1) or otsu.")
+
+
+def slice_classifier(depth: int = 50, pretrained_path: str | None = None) -> nn.Module:
+    """MONAI's 2D ResNet laid out as torchvision's (7x7 stem at stride 2, bias-free projection shortcuts, so an
+    ImageNet state dict loads strictly), its ``fc`` replaced by the authors' head Flatten -> Linear(F, 256) -> ReLU ->
+    Dropout(0.5) -> Linear(256, 2). [B, 3, S, S] -> logits [B, 2] (class 1 = tumour)."""
+    from monai.networks.nets import resnet
+
+    net = getattr(resnet, f"resnet{depth}")(spatial_dims=2, n_input_channels=3, num_classes=1000,
+                                             conv1_t_stride=2, bias_downsample=False)
+    if pretrained_path:
+        from lightning_modules.segmentation import WeightsFile, load_weights
+
+        load_weights(net, WeightsFile(pretrained_path), option="cam:--pretrained_path")
+    net.fc = nn.Sequential(nn.Flatten(), nn.Linear(net.fc.in_features, 256), nn.ReLU(), nn.Dropout(0.5),
+                           nn.Linear(256, 2))
+    return net
+
+
+def classifier_image(image: np.ndarray, size: int) -> np.ndarray:
+    """An (H, W) slice -> the classifier's (size, size) uint8 image: min-max to uint8, bilinear resize."""
+    import cv2
+
+    return cv2.resize(to_uint8(image), (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def as_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, S, S] -> float [B, 3, S, S] in [0, 1] (ToTensor, grey replicated; the code uses no mean/std)."""
+    return (images.float() / 255).unsqueeze(1).expand(-1, 3, -1, -1)
+
+
+def split_cases(cases: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, val): the last round(f N) cases by id validate (at least one when there are two or more)."""
+    n_val = max(round(val_fraction * len(cases)), 1) if val_fraction > 0 and len(cases) >= 2 else 0
+    return cases[:len(cases) - n_val], cases[len(cases) - n_val:]
+
+
+def slice_set(volumes: dict[str, np.ndarray], labels: dict[str, list[dict]], cases: list[str],
+              size: int) -> dict:
+    """The certain slices of ``cases`` with their final stage-0 labels: {"images" uint8 [N, S, S], "labels" [N],
+    "index" [(case, z)]}."""
+    index = [(case, row["z"]) for case in cases for row in labels[case] if row["certain"]]
+    images = np.stack([classifier_image(volumes[c][z], size) for c, z in index]) if index else \
+        np.zeros((0, size, size), np.uint8)
+    final = {(case, row["z"]): row["final"] for case in cases for row in labels[case]}
+    return {"images": images, "labels": np.array([final[i] for i in index], np.int64), "index": index}
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, data: dict, batch: int, device: str) -> float:
+    net.eval()
+    x = torch.from_numpy(data["images"])
+    pred = torch.cat([net(as_input(x[i:i + batch]).to(device)).argmax(1).cpu() for i in range(0, len(x), batch)])
+    return float((pred.numpy() == data["labels"]).mean())
+
+
+def train_classifier(train: dict, val: dict, o: CamOptions) -> tuple[nn.Module, list[dict]]:
+    """The authors' recipe: CE, Adam (all parameters), StepLR, shuffled batches, seeded. Keeps the epoch of best
+    accuracy on the validation cases' stage-0 labels (the code's ground-truth accuracy replaced); the last epoch
+    without validation slices. Returns (net in eval mode, [{"epoch", "loss", "val_accuracy"}])."""
+    if not len(train["labels"]):
+        raise DataError("stage slice_labels left no certain slice in the training cases: nothing to train the CAM "
+                        "classifier on.")
+    torch.manual_seed(o.seed)
+    net = slice_classifier(o.depth, o.pretrained_path).to(o.device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=o.lr)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, o.step_epochs, o.step_gamma)
+    order = torch.Generator().manual_seed(o.seed)
+    x, y = torch.from_numpy(train["images"]), torch.from_numpy(train["labels"])
+    history, best, best_state = [], -1.0, None
+    for epoch in range(o.epochs):
+        net.train()
+        losses = []
+        for idx in torch.randperm(len(x), generator=order).split(o.batch_size):
+            loss = F.cross_entropy(net(as_input(x[idx]).to(o.device)), y[idx].to(o.device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        schedule.step()
+        acc = accuracy(net, val, o.batch_size, o.device) if len(val["labels"]) else None
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_accuracy": acc})
+        if acc is None or acc > best:
+            best, best_state = (acc if acc is not None else best), copy.deepcopy(net.state_dict())
+    net.load_state_dict(best_state)
+    return net.eval(), history
+
+
+def normalise(cam: torch.Tensor) -> torch.Tensor:
+    """Per map of [B, h, w]: (c - min) / (1e-7 + max(c - min)) (pytorch-grad-cam's scaling)."""
+    shifted = cam - cam.amin((1, 2), keepdim=True)
+    return shifted / (1e-7 + shifted.amax((1, 2), keepdim=True))
+
+
+def layercam(net: nn.Module, images: np.ndarray, layer: str = "layer3", batch: int = 16,
+             device: str = "cpu") -> np.ndarray:
+    """LayerCAM of the positive-class logit y1: with A [B, C, h, w] the activations of ``layer``,
+    cam = ReLU(sum_c ReLU(dy1/dA_c) * A_c), normalised, bilinear to the input size, normalised again. Only slices the
+    classifier calls positive (argmax = 1) get a CAM (the code's ground-truth gate dropped); the others are 0.
+    images uint8 [N, S, S] -> cams float32 [N, S, S] in [0, 1]."""
+    store = {}
+    hook = net.get_submodule(layer).register_forward_hook(lambda module, args, out: store.__setitem__("A", out))
+    net.eval()
+    cams = []
+    try:
+        for i in range(0, len(images), batch):
+            x = as_input(torch.from_numpy(images[i:i + batch])).to(device)
+            with torch.enable_grad():
+                logits = net(x)
+                (grads,) = torch.autograd.grad(logits[:, 1].sum(), store["A"])  # sample b's y1 depends on A_b only
+            cam = normalise(F.relu((F.relu(grads) * store["A"]).sum(1)).detach())
+            cam = normalise(F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0])
+            cams.append((cam * (logits.argmax(1) == 1)[:, None, None]).cpu())
+    finally:
+        hook.remove()
+    return torch.cat(cams).numpy().astype(np.float32)
+
+
+def case_cam(net: nn.Module, volume: np.ndarray, o: CamOptions) -> np.ndarray:
+    """A case's continuous CAM (D, H, W) in [0, 1]: LayerCAM of every slice, bilinear back to (H, W)."""
+    images = np.stack([classifier_image(s, o.input_size) for s in volume])
+    cams = torch.from_numpy(layercam(net, images, o.layer, o.batch_size, o.device))
+    return F.interpolate(cams[:, None], size=volume.shape[1:], mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def otsu(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold: the bin edge t maximising w0 w1 (mu0 - mu1)^2 over a ``bins`` histogram (numpy: scikit-image
+    is no dependency of lemis)."""
+    counts, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(counts)[:-1]
+    w1 = w0[-1] + counts[-1] - w0
+    m0 = np.cumsum(counts * centres)[:-1] / np.maximum(w0, 1)
+    m1 = ((counts * centres).sum() - np.cumsum(counts * centres)[:-1]) / np.maximum(w1, 1)
+    return float(edges[1:-1][np.argmax(w0 * w1 * (m0 - m1) ** 2)])
+
+
+def cam_threshold(cam: np.ndarray, option: float | str) -> float:
+    """t: the fixed value, or Otsu over the CAM values of the CAM-positive slices clamped to [0.2, 0.8]."""
+    if option != "otsu":
+        return float(option)
+    positive = cam[cam.reshape(len(cam), -1).max(1) > 0]
+    return float(np.clip(otsu(positive.ravel()), 0.2, 0.8)) if positive.size else 0.27
+
+
+def amda_cam_guided(image: np.ndarray, mask: np.ndarray, cam: np.ndarray, k: float = 0.8) -> np.ndarray:
+    """AMDA on one classifier image I [S, S] uint8 with the raw stage's clean mask and continuous CAM (H, W): the
+    mask's box (rows y0..y1, cols x0..x1) scaled int(v S / H), int(v S / W); inside it, pixels with
+    cam > lo + k (hi - lo) (lo, hi: the CAM's range in the box, CAM bilinear to S) are set to 0, hiding the most
+    discriminative part. A slice without mask takes ``amda_intensity``."""
+    rows, cols = np.nonzero(mask)
+    if not len(rows):
+        return amda_intensity(image, k)
+    (h, w), s = mask.shape, image.shape[0]
+    y0, y1 = int(rows.min() * s / h), int(rows.max() * s / h)
+    x0, x1 = int(cols.min() * s / w), int(cols.max() * s / w)
+    big = F.interpolate(torch.from_numpy(cam)[None, None], size=(s, s), mode="bilinear", align_corners=False)[0, 0]
+    inside = big.numpy()[y0:y1 + 1, x0:x1 + 1]
+    lo, hi = inside.min(), inside.max()
+    out = image.copy()
+    out[y0:y1 + 1, x0:x1 + 1][inside > lo + k * (hi - lo)] = 0
+    return out
+
+
+def amda_intensity(image: np.ndarray, k: float = 0.8) -> np.ndarray:
+    """The intensity branch: I[p] = 0 where I[p] > min(I) + k (max(I) - min(I))."""
+    lo, hi = int(image.min()), int(image.max())
+    out = image.copy()
+    out[image > lo + k * (hi - lo)] = 0
+    return out
+
+
+def amda_set(train: dict, masks: dict[str, np.ndarray], cams: dict[str, np.ndarray], o: CamOptions) -> dict:
+    """The training set with every image replaced by its AMDA version (labels unchanged); ``keep_originals`` also
+    keeps the unmasked images."""
+    if o.amda == "intensity_only":
+        hidden = [amda_intensity(img, o.amda_k) for img in train["images"]]
+    else:
+        hidden = [amda_cam_guided(img, masks[c][z], cams[c][z], o.amda_k)
+                  for img, (c, z) in zip(train["images"], train["index"])]
+    out = {**train, "images": np.stack(hidden)}
+    if o.keep_originals:
+        out = {"images": np.concatenate([train["images"], out["images"]]),
+               "labels": np.concatenate([train["labels"], train["labels"]]), "index": train["index"] * 2}
+    return out
+
+
+def cam_round(name: str, folder: Path, train: dict, val: dict, flairs: dict[str, Flair], o: CamOptions):
+    """One classifier round (``raw`` or ``aug``): train, save ``<name>/classifier.pt`` and ``<name>/history.json``,
+    LayerCAM of every case (``<name>/cam/<case>.npy``), clean masks C = components(opening(cam >= t)).
+    Returns ({case: cam}, {case: mask})."""
+    net, history = train_classifier(train, val, o)
+    buffer = io.BytesIO()  # torch.save names the archive after its file: a buffer keeps equal weights equal bytes
+    torch.save(net.state_dict(), buffer)
+    with atomic_path(folder / name / "classifier.pt") as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    write_json(folder / name / "history.json", {"epochs": history, "train_slices": len(train["labels"]),
+                                                "val_slices": len(val["labels"])})
+    cams, masks = {}, {}
+    for case, flair in flairs.items():
+        cams[case] = case_cam(net, flair.volume, o)
+        masks[case] = cam_mask(cams[case], cam_threshold(cams[case], o.cam_threshold))
+        with atomic_path(folder / name / "cam" / f"{case}.npy") as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, cams[case])
+    return cams, masks
+
+
+def cam_stage(cases: dict[str, dict], o: CamOptions):
+    """Raw round on the stage-0 labels, then (AMDA) a fresh classifier on the hidden images; the last round's clean
+    masks are the stage's ``masks/<case>.nii.gz``. Every case gets a CAM (transductive: no label anywhere)."""
+    def run(folder: Path, inputs: dict[str, Path]) -> None:
+        labels = json.loads((inputs["slice_labels"] / "slice_labels.json").read_text())["cases"]
+        flairs = {case: read_flair(source) for case, source in cases.items()}
+        volumes = {case: flair.volume for case, flair in flairs.items()}
+        train_cases, val_cases = split_cases(list(cases), o.val_fraction)
+        train = slice_set(volumes, labels, train_cases, o.input_size)
+        val = slice_set(volumes, labels, val_cases, o.input_size)
+        cams, masks = cam_round("raw", folder, train, val, flairs, o)
+        if o.amda != "off":
+            cams, masks = cam_round("aug", folder, amda_set(train, masks, cams, o), val, flairs, o)
+        for case, flair in flairs.items():
+            write_mask(folder / "masks" / f"{case}.nii.gz", masks[case], flair)
+    return run
+
+
+def cam_outputs(cases: list[str], o: CamOptions) -> tuple[str, ...]:
+    rounds = ("raw",) if o.amda == "off" else ("raw", "aug")
+    return (*[f"{r}/{f}" for r in rounds for f in ("classifier.pt", "history.json")],
+            *[f"{r}/cam/{c}.npy" for r in rounds for c in cases], *[f"masks/{c}.nii.gz" for c in cases])
+
+
+# ---- stage 2: LiteMedSAM from the CAM boxes ---------------------------------------------------------------------
+
+@dataclass
+class SamOptions:
+    """The box margin d (code: 10 px), the encoder batch and the device."""
+
+    margin: int = 10
+    encoder_batch: int = 16
+    device: str = "cpu"
+
+
+def embedding_file(cache: Path, case: str, sha256: str) -> Path:
+    """One file a case and checkpoint: {"z": [slices], "embeddings": fp16 [n, 256, 64, 64]}."""
+    return cache / f"{case}.litemedsam.{sha256[:16]}.pt"
+
+
+def cached_embeddings(net, cache: Path, case: str, sha256: str, volume: np.ndarray, zs: list[int],
+                      boxes: np.ndarray, batch: int) -> torch.Tensor:
+    """Image embeddings [len(zs), 256, 64, 64] (float32 from the fp16 cache) of slices ``zs`` of ``volume``; slices
+    missing from the cache are encoded (``lite_medsam.segment``, with their boxes) and added to it. Every caller
+    decodes from the fp16 values, so a first run and a cached rerun give the same masks."""
+    from lightning_modules.nets.lite_medsam import segment
+
+    path = embedding_file(cache, case, sha256)
+    store = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {"z": [], "embeddings": None}
+    have = {z: i for i, z in enumerate(store["z"])}
+    missing = [i for i, z in enumerate(zs) if z not in have]
+    if missing:
+        _, new = segment(net, volume[[zs[i] for i in missing]], boxes[missing], batch)
+        old = store["embeddings"]
+        store = {"z": store["z"] + [zs[i] for i in missing],
+                 "embeddings": new.half() if old is None else torch.cat([old, new.half()])}
+        with atomic_path(path) as tmp:
+            torch.save(store, tmp)
+        have = {z: i for i, z in enumerate(store["z"])}
+    return store["embeddings"][[have[z] for z in zs]].float()
+
+
+def sam_case(net, cache: Path, case: str, sha256: str, flair: Flair, cam: np.ndarray, o: SamOptions):
+    """SAM mask (D, H, W) of one case: LiteMedSAM on every slice with C_z != 0, box = the dilated box of C_z,
+    zeros elsewhere, times the brain mask M. Returns (mask, {z: box})."""
+    from lightning_modules.nets.lite_medsam import segment
+
+    mask = np.zeros(flair.volume.shape, bool)
+    zs = [z for z in range(len(cam)) if cam[z].any()]
+    if not zs:
+        return mask, {}
+    boxes = np.array([dilated_box(cam[z], o.margin) for z in zs], np.float64)
+    embeddings = cached_embeddings(net, cache, case, sha256, flair.volume, zs, boxes, o.encoder_batch)
+    masks, _ = segment(net, flair.volume[zs], boxes, o.encoder_batch, embeddings=embeddings)
+    mask[zs] = masks
+    return mask & brain_mask(flair.volume), {z: [int(v) for v in box] for z, box in zip(zs, boxes)}
+
+
+def sam_stage(cases: dict[str, dict], o: SamOptions):
+    """``masks/<case>.nii.gz`` and ``prompts/<case>.json`` of every case; ``cases.json`` lists those with a SAM label
+    (an empty CAM mask gives none: such a case sits out stage 3's first round). Embeddings in ``emb_cache/``."""
+    def run(folder: Path, inputs: dict[str, Path]) -> None:
+        from lightning_modules.nets.lite_medsam import CHECKPOINT_SHA256, load_lite_medsam
+
+        net = load_lite_medsam(o.device)  # checks the file's size and sha256: the cache key is its digest
+        labelled = []
+        for case, source in cases.items():
+            flair = read_flair(source)
+            cam = read_mask(inputs["cam"] / "masks" / f"{case}.nii.gz", flair)
+            mask, prompts = sam_case(net, folder / "emb_cache", case, CHECKPOINT_SHA256, flair, cam, o)
+            write_mask(folder / "masks" / f"{case}.nii.gz", mask, flair)
+            write_json(folder / "prompts" / f"{case}.json", {"margin": o.margin, "boxes": prompts})
+            if prompts:
+                labelled.append(case)
+        write_json(folder / "cases.json", {"labelled": labelled, "no_label": [c for c in cases if c not in labelled]})
+    return run
+
+
+# ---- the chain ---------------------------------------------------------------------------------------------------
+
+OPTIONS = {"slice_labels": SliceLabelOptions, "cam": CamOptions, "sam": SamOptions}
+STAGES = tuple(OPTIONS)
+
+
+def coerce(stage: str, key: str, text: str, default):
+    """``--key=text`` as the type of the option's default (YAML scalars: 3, 0.5, true, otsu); one sentence
+    naming the option otherwise."""
+    value = yaml.safe_load(text)
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) or (key == "cam_threshold" and value == "otsu")
+    elif isinstance(default, int):
+        ok = isinstance(value, int)
+    else:  # str or None (a path)
+        value = None if value is None else str(text)
+        ok = True
+    if not ok:
+        raise ConfigError(f"{stage}:--{key}={text}: expected a value like {default!r}.")
+    return float(value) if isinstance(default, float) and not isinstance(value, str) else value
+
+
+def stage_options(overrides: dict[str, list[str]]) -> dict:
+    """{stage: its options} from {"common" | stage: [--key=value]}: a common option goes to every stage that has
+    it; an option no stage has is an error."""
+    out = {}
+    for stage, cls in OPTIONS.items():
+        defaults = cls()
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        for scope in ("common", stage):
+            for arg in overrides.get(scope, []):
+                key, sep, text = arg.removeprefix("--").partition("=")
+                if key in names and sep:
+                    values[key] = coerce(stage, key, text, getattr(defaults, key))
+                elif scope == stage or not sep:
+                    raise ConfigError(f"{stage}:{arg}: expected --key=value with a key of {sorted(names)}.")
+        out[stage] = cls(**values)
+    every = {f.name for cls in OPTIONS.values() for f in dataclasses.fields(cls)}
+    for arg in overrides.get("common", []):
+        if arg.removeprefix("--").partition("=")[0] not in every:
+            raise ConfigError(f"{arg}: no CLISC stage has this option (stages: {STAGES}).")
+    return out
+
+
+def split_overrides(extra: list[str]) -> dict[str, list[str]]:
+    """``[stage:]--key=value`` -> {"common" | stage: [--key=value]}."""
+    out: dict[str, list[str]] = {"common": []}
+    for arg in extra:
+        stage, sep, rest = arg.partition(":")
+        if sep and stage in STAGES and rest.startswith("--"):
+            out.setdefault(stage, []).append(rest)
+        elif arg.startswith("--"):
+            out["common"].append(arg)
+        else:
+            raise ConfigError(f"argument {arg!r}: expected --key=value or <stage>:--key=value with a stage of "
+                              f"{STAGES}.")
+    return out
+
+
+def chain(raw: str | Path, out: str | Path, overrides: dict[str, list[str]] | None = None,
+          until: str = STAGES[-1]) -> Pipeline:
+    """The stages up to ``until`` under ``out``, reading the FLAIR of every case under ``raw``. Each stage records its
+    options (and stage 0 the data root and cases), so a changed option reruns it and what reads it."""
+    cases = find_flair(raw)
+    o = stage_options(overrides or {})
+    names = list(cases)
+    stages = [
+        Stage("slice_labels", slice_labels_stage(cases, o["slice_labels"]), outputs=("slice_labels.json",),
+              params={"root": str(Path(raw).resolve()), "cases": names, **dataclasses.asdict(o["slice_labels"])}),
+        Stage("cam", cam_stage(cases, o["cam"]), ("slice_labels",), cam_outputs(names, o["cam"]),
+              params=dataclasses.asdict(o["cam"])),
+        Stage("sam", sam_stage(cases, o["sam"]), ("cam",),
+              ("cases.json", *[f"{d}/{c}.{e}" for c in names for d, e in (("masks", "nii.gz"), ("prompts", "json"))]),
+              params=dataclasses.asdict(o["sam"])),
+    ]
+    return Pipeline(stages[:STAGES.index(until) + 1], out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chain; 0 when every stage is done or skipped, 2 with one sentence for bad input."""
+    parser = argparse.ArgumentParser(prog="python -m lightning_modules.clisc",
+                                     description="CLISC on BraTS FLAIR: slice labels -> CAM masks -> SAM masks.",
+                                     allow_abbrev=False)  # --r=... must not become --rerun
+    parser.add_argument("raw", help="the BraTS folder (case folders anywhere below it)")
+    parser.add_argument("out", help="the chain's folder: one sub-folder a stage, skipped when done")
+    parser.add_argument("--until", choices=STAGES, default=STAGES[-1], help="the last stage to run")
+    parser.add_argument("--rerun", choices=STAGES, action="append", default=[],
+                        help="run this stage again (and every stage that reads it)")
+    known, extra = parser.parse_known_args(argv)
+    try:
+        pipeline = chain(known.raw, known.out, split_overrides(extra), known.until)
+        for name in known.rerun:  # no manifest = not done; its new manifest makes its readers rerun too
+            (pipeline.folder(name) / MANIFEST).unlink(missing_ok=True)
+        pipeline.run()
+    except LemisError as err:
+        if os.environ.get("LEMIS_DEBUG") == "1":
+            raise
+        print(f"lemis: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

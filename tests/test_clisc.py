@@ -1,11 +1,24 @@
-"""CLISC's label-free rules (spec/methods/clisc.md) on the spec's hand examples and a FLAIR-like phantom."""
+"""CLISC's label-free rules (spec/methods/clisc.md) on the spec's hand examples and a FLAIR-like phantom; the chain
+slice_labels -> cam -> sam end to end on a BraTS phantom: skipped when done, one stage rerun alone, the same outputs
+with every label file removed, bad input in one sentence."""
 from __future__ import annotations
 
+import json
+import shutil
+
+import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
+from datamodules.phantoms.brats import make_brats
+from lemis.errors import ConfigError
+from lemis.files import read_manifest
+from lightning_modules import clisc
 from lightning_modules.clisc import (
+    amda_cam_guided,
+    amda_intensity,
     cam_mask,
     dice,
     dilated_box,
@@ -103,3 +116,150 @@ def test_s3f_keep_rule():
     a = np.zeros((4, 4), bool)
     a[:2] = True
     assert dice(a, a) == 1.0 and dice(a, ~a) == 0.0 and dice(a & False, a & False) == 0.0
+
+
+# ---- stage 1 pieces ------------------------------------------------------------------------------------------------
+
+def test_amda_hides_the_top_of_the_cam_in_the_box_or_the_brightest_pixels():
+    image = np.full((8, 8), 100, np.uint8)
+    mask = np.zeros((4, 4), bool)
+    mask[1:3, 1:3] = True  # box rows 1..2, cols 1..2 -> 2..4, 2..4 in the 8 frame (int(v * 8 / 4))
+    cam = np.zeros((4, 4), np.float32)
+    hidden = amda_cam_guided(image, mask, cam + np.eye(4, dtype=np.float32))
+    assert (hidden[2:5, 2:5] == 0).any() and (hidden[:2] == 100).all() and (hidden[5:] == 100).all()
+    bright = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    # no mask: I = 0 where I > min + 0.8 (max - min) = 50.4
+    assert np.array_equal(amda_cam_guided(bright, mask & False, cam), np.where(bright > 50.4, 0, bright))
+    assert np.array_equal(amda_intensity(bright), np.where(bright > 50.4, 0, bright))
+
+
+def test_classifier_loads_a_weights_file_strictly_and_layercam_gates_on_the_prediction(tmp_path):
+    torch.manual_seed(0)
+    imagenet_like = clisc.slice_classifier(10)
+    from monai.networks.nets import resnet
+
+    source = resnet.resnet10(spatial_dims=2, n_input_channels=3, num_classes=1000, conv1_t_stride=2,
+                             bias_downsample=False)
+    torch.save(source.state_dict(), tmp_path / "r10.pt")
+    net = clisc.slice_classifier(10, str(tmp_path / "r10.pt"))
+    assert torch.equal(net.conv1.weight, source.conv1.weight) and net.fc[-1].out_features == 2
+    torch.save({"conv1.weight": source.conv1.weight}, tmp_path / "partial.pt")
+    with pytest.raises(ConfigError, match="partial.pt does not fit"):
+        clisc.slice_classifier(10, str(tmp_path / "partial.pt"))
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32), dtype=np.uint8)
+    cams = clisc.layercam(imagenet_like.eval(), images)
+    with torch.no_grad():
+        positive = imagenet_like(clisc.as_input(torch.from_numpy(images))).argmax(1).numpy() == 1
+    assert cams.shape == (3, 32, 32) and cams.min() >= 0 and cams.max() <= 1
+    assert all((cams[i].max() > 0) == positive[i] for i in range(3))  # only predicted-positive slices get a CAM
+
+
+def test_thresholds_splits_and_options():
+    values = np.concatenate([np.full(50, 0.1), np.full(50, 0.7)])
+    assert 0.1 <= clisc.otsu(values) < 0.7
+    assert clisc.cam_threshold(np.zeros((2, 3, 3)), 0.27) == 0.27
+    assert clisc.split_cases(["a", "b", "c", "d"], 0.125) == (["a", "b", "c"], ["d"])
+    assert clisc.split_cases(["a"], 0.125) == (["a"], []) and clisc.split_cases(["a", "b"], 0) == (["a", "b"], [])
+    o = clisc.stage_options(clisc.split_overrides(["cam:--depth=18", "--device=cpu", "cam:--cam_threshold=otsu"]))
+    assert o["cam"].depth == 18 and o["cam"].cam_threshold == "otsu" and o["sam"].device == "cpu"
+    for bad in (["cam:--depth=7"], ["cam:--epochs=two"], ["--nope=1"], ["sam:--depth=18"], ["junk"]):
+        with pytest.raises(ConfigError):
+            clisc.stage_options(clisc.split_overrides(bad))
+
+
+# ---- the chain on a BraTS phantom -----------------------------------------------------------------------------------
+
+FAST = ["cam:--depth=10", "cam:--input_size=64", "cam:--epochs=20", "cam:--lr=0.001", "cam:--val_fraction=0"]
+
+
+def flair_phantom(root):
+    """Two BraTS-2020-layout cases, 40 x 40 x 16 voxels (every second slice of a 32-slice phantom, as 2 mm slices),
+    the whole tumour hyperintense on FLAIR as on real FLAIR (the shared phantom brightens only its oedema shell)."""
+    root = make_brats(root, n_cases=2, shape=(40, 40, 32), seed=0)
+    for case in sorted(p for p in root.iterdir()):
+        seg = np.asarray(nib.load(str(case / f"{case.name}_seg.nii.gz")).dataobj)
+        for path in sorted(case.glob("*.nii.gz")):
+            image = nib.load(str(path))
+            array = np.asarray(image.dataobj)
+            if path.name.endswith("_flair.nii.gz"):
+                array = np.where((seg > 0) & (seg != 2), array + 250, array).astype(array.dtype)
+            affine = image.affine.copy()
+            affine[:, 2] *= 2
+            nib.save(nib.Nifti1Image(array[:, :, ::2], affine), str(path))
+    return root
+
+
+def digests(out):
+    """{stage/file: sha256} of every declared output of the chain (masks, CAMs, labels, prompts, classifiers)."""
+    return {f"{stage}/{name}": digest for stage in clisc.STAGES
+            for name, digest in read_manifest(out / stage)["files"].items()}
+
+
+@pytest.fixture(scope="module")
+def unlabelled_run(tmp_path_factory):
+    """The chain on the phantom with every label file moved out of the data folder first: a stage reading a label
+    fails. Returns (raw root, out, {case: moved label path})."""
+    base = tmp_path_factory.mktemp("clisc")
+    raw, hidden = flair_phantom(base / "raw"), base / "labels"
+    hidden.mkdir()
+    labels = {}
+    for seg in sorted(raw.rglob("*_seg.nii.gz")):
+        labels[seg.parent.name] = shutil.move(str(seg), hidden / seg.name)
+    assert not list(raw.rglob("*seg*")) and clisc.main([str(raw), str(base / "out"), *FAST]) == 0
+    return raw, base / "out", labels
+
+
+def test_chain_end_to_end_without_labels(unlabelled_run):
+    raw, out, labels = unlabelled_run
+    record = json.loads((out / "slice_labels" / "slice_labels.json").read_text())["cases"]
+    assert sorted(record) == sorted(labels) and all("final" in row for rows in record.values() for row in rows)
+    prompted = json.loads((out / "sam" / "cases.json").read_text())["labelled"]
+    scores = {}
+    for case, label in labels.items():
+        truth = np.asarray(nib.load(str(label)).dataobj) > 0  # read only here, after the pipeline, to report
+        for stage in ("cam", "sam"):
+            mask = np.asarray(nib.load(str(out / stage / "masks" / f"{case}.nii.gz")).dataobj) > 0
+            assert mask.shape == truth.shape
+            scores[(case, stage)] = clisc.dice(mask, truth)
+        assert len(list((out / "sam" / "emb_cache").glob(f"{case}.litemedsam.*.pt"))) == (case in prompted)
+    print("Dice vs phantom ground truth:", {f"{c}/{s}": round(d, 3) for (c, s), d in scores.items()})
+    assert prompted and np.mean([d for (c, s), d in scores.items() if s == "sam"]) > 0.1
+
+
+def test_second_invocation_skips_and_one_stage_reruns_alone(unlabelled_run, capsys):
+    raw, out, _ = unlabelled_run
+    before = digests(out)
+    manifests = {s: (out / s / "manifest.json").read_text() for s in clisc.STAGES}
+    capsys.readouterr()
+    assert clisc.main([str(raw), str(out), *FAST]) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == 3
+    assert manifests == {s: (out / s / "manifest.json").read_text() for s in clisc.STAGES}
+    assert clisc.main([str(raw), str(out), "--rerun", "sam", *FAST]) == 0  # embeddings from the cache
+    log = capsys.readouterr().out
+    assert "stage sam: done" in log and log.count("skipped") == 2 and digests(out) == before
+
+
+def test_labels_present_or_absent_give_the_same_outputs(unlabelled_run, tmp_path):
+    """The same chain with the label files back: every output is byte-identical. The encoder's embeddings are
+    copied from the label-free run's cache (computed there without any label file), to keep the test short."""
+    raw, out, labels = unlabelled_run
+    labelled = tmp_path / "raw"
+    shutil.copytree(raw, labelled)
+    for case, label in labels.items():
+        shutil.copy(label, labelled / case / label.name)
+    shutil.copytree(out / "sam" / "emb_cache", tmp_path / "out" / "sam" / "emb_cache")
+    assert clisc.main([str(labelled), str(tmp_path / "out"), *FAST]) == 0
+    assert digests(tmp_path / "out") == digests(out)
+
+
+def test_bad_input_is_one_sentence(tmp_path, capsys):
+    assert clisc.main([str(tmp_path / "absent"), str(tmp_path / "out")]) == 2
+    assert f"{tmp_path / 'absent'} not found" in capsys.readouterr().err
+    raw = make_brats(tmp_path / "raw", n_cases=1, shape=(16, 16, 8))
+    assert clisc.main([str(raw), str(tmp_path / "out"), "cam:--depht=18"]) == 2
+    assert "cam:--depht=18" in capsys.readouterr().err
+    flair = next(raw.rglob("*_flair.nii.gz"))
+    flair.unlink()
+    assert clisc.main([str(raw), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{flair} not found" in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
