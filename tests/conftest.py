@@ -1,4 +1,5 @@
 """Shared fixtures: phantom datasets (generated once per session) and the real-data location."""
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ from datamodules.phantoms import make_acdc, make_la
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-torch.set_num_threads(2)
+# Two threads (CI's cores), unless OMP_NUM_THREADS asks for fewer: a suite run beside other jobs must not
+# oversubscribe the cores (spin-waiting OpenMP threads slow every job sharing them many times over).
+torch.set_num_threads(min(2, int(os.environ.get("OMP_NUM_THREADS") or 2)))
 
 
 @pytest.fixture(scope="session")
