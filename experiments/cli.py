@@ -169,13 +169,14 @@ class LemisCLI(LightningCLI):
         )
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        """Every subcommand knows both lemis flags, so a run's config.yaml (which records them) is a valid
+        --config for every other subcommand: `lemis validate --config runs/<exp>/version_N/config.yaml`.
+        Set to true where it means nothing, a flag is refused in _parse_ckpt_path."""
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "fit":
-            parser.add_argument("--allow_config_change", type=bool, default=False,
-                                help="resume --ckpt_path under a configuration other than the checkpoint's")
-        else:
-            parser.add_argument("--allow_untrained", type=bool, default=False,
-                                help="evaluate freshly initialised weights (no --ckpt_path)")
+        parser.add_argument("--allow_config_change", type=bool, default=False,
+                            help="fit: resume --ckpt_path under a configuration other than the checkpoint's")
+        parser.add_argument("--allow_untrained", type=bool, default=False,
+                            help="validate/test/predict: evaluate freshly initialised weights (no --ckpt_path)")
         return parser
 
     # ---- 1. config files -------------------------------------------------------------------------------------
@@ -199,6 +200,10 @@ class LemisCLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
+        misplaced = "allow_untrained" if subcommand == "fit" else "allow_config_change"
+        if config.get(misplaced):
+            raise ConfigError(f"--{misplaced} does not apply to lemis {subcommand} (--allow_config_change is for "
+                              f"fit, --allow_untrained for validate, test and predict).")
         given = config.get("ckpt_path")
         if given is None:
             if subcommand != "fit" and not config.get("allow_untrained"):

@@ -109,6 +109,20 @@ def test_command_line_evaluation_options_win_over_the_checkpoint(finished, acdc_
     assert saved["ckpt_path"] == str(finished["ckpt"])
 
 
+def test_a_run_s_config_yaml_serves_every_subcommand(finished, tmp_path, capsys):
+    """The config.yaml a fit wrote is a valid --config for validate (it records fit's flags too), and a flag set
+    where it means nothing is one sentence."""
+    saved = finished["runs"] / "acdc_mean_teacher" / "version_0" / "config.yaml"
+    logger = [f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.name=again"]
+    assert main(["validate", "--config", str(saved), f"--ckpt_path={finished['ckpt']}", *logger]) == 0
+    (run,) = (tmp_path / "again").glob("version_*")
+    assert (run / "per_case_val.csv").is_file()
+    refused(capsys, ["validate", "--config", str(saved), f"--ckpt_path={finished['ckpt']}", *logger,
+                     "--allow_config_change=true"], "--allow_config_change", "lemis validate")
+    refused(capsys, ["fit", "--config", str(saved), *logger, "--allow_untrained=true"], "--allow_untrained")
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == [run.name]  # the refusals wrote nothing
+
+
 def test_evaluating_another_method_s_checkpoint_is_refused(untouched, capsys):
     sgrs = REPO / "experiments" / "acdc" / "sgrs.yaml"
     args = [a if not a.startswith("--config") and a != str(MT) else a for a in untouched["args"]]
