@@ -11,6 +11,8 @@ it runs again.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -97,3 +99,34 @@ class Pipeline:
             status[stage.name] = "done"
             log(f"lemis: stage {stage.name}: done in {wall:.1f} s")
         return status
+
+
+# ---- the command line of a chain ----------------------------------------------------------------------------------
+
+def split_overrides(extra: list[str], stages) -> dict[str, list[str]]:
+    """A chain's extra arguments ``[stage:]--key=value`` -> {"common" | stage: [--key=value]}; an argument without
+    a stage prefix goes to every stage that has the option."""
+    out: dict[str, list[str]] = {"common": []}
+    for arg in extra:
+        stage, sep, rest = arg.partition(":")
+        if sep and stage in stages and rest.startswith("--"):
+            out.setdefault(stage, []).append(rest)
+        elif arg.startswith("--"):
+            out["common"].append(arg)
+        else:
+            raise ConfigError(f"chain argument {arg!r}: expected --key=value or <stage>:--key=value with a stage of "
+                              f"{tuple(stages)}.")
+    return out
+
+
+def run_chain(build: Callable[[], Pipeline]) -> int:
+    """Build and run a chain: 0 when every stage is done or skipped; bad input (any LemisError, from the build
+    or a stage) is one ``lemis: error:`` sentence and 2 (``LEMIS_DEBUG=1`` re-raises it)."""
+    try:
+        build().run()
+    except LemisError as err:
+        if os.environ.get("LEMIS_DEBUG") == "1":
+            raise
+        print(f"lemis: error: {err}", file=sys.stderr)
+        return 2
+    return 0

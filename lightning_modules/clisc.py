@@ -26,7 +26,6 @@ import dataclasses
 import gzip
 import io
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +39,9 @@ from torch import nn
 
 from datamodules.brats import brain_box, find_cases, modality_file
 from datamodules.readers import NiftiReader
-from lemis.errors import ConfigError, DataError, LemisError
+from lemis.errors import ConfigError, DataError
 from lemis.files import MANIFEST, atomic_path
-from lemis.stages import Pipeline, Stage
+from lemis.stages import Pipeline, Stage, run_chain, split_overrides
 
 CERTAIN = 0.6
 CUBE = np.ones((3, 3, 3), dtype=bool)  # 26-neighbourhood / 3x3x3 all-ones structure
@@ -702,21 +701,6 @@ def stage_options(overrides: dict[str, list[str]]) -> dict:
     return out
 
 
-def split_overrides(extra: list[str]) -> dict[str, list[str]]:
-    """``[stage:]--key=value`` -> {"common" | stage: [--key=value]}."""
-    out: dict[str, list[str]] = {"common": []}
-    for arg in extra:
-        stage, sep, rest = arg.partition(":")
-        if sep and stage in STAGES and rest.startswith("--"):
-            out.setdefault(stage, []).append(rest)
-        elif arg.startswith("--"):
-            out["common"].append(arg)
-        else:
-            raise ConfigError(f"argument {arg!r}: expected --key=value or <stage>:--key=value with a stage of "
-                              f"{STAGES}.")
-    return out
-
-
 def chain(raw: str | Path, out: str | Path, overrides: dict[str, list[str]] | None = None,
           until: str = STAGES[-1]) -> Pipeline:
     """The stages up to ``until`` under ``out``, reading the FLAIR of every case under ``raw``. Each stage records its
@@ -747,17 +731,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", choices=STAGES, action="append", default=[],
                         help="run this stage again (and every stage that reads it)")
     known, extra = parser.parse_known_args(argv)
-    try:
-        pipeline = chain(known.raw, known.out, split_overrides(extra), known.until)
+
+    def build() -> Pipeline:
+        pipeline = chain(known.raw, known.out, split_overrides(extra, STAGES), known.until)
         for name in known.rerun:  # no manifest = not done; its new manifest makes its readers rerun too
             (pipeline.folder(name) / MANIFEST).unlink(missing_ok=True)
-        pipeline.run()
-    except LemisError as err:
-        if os.environ.get("LEMIS_DEBUG") == "1":
-            raise
-        print(f"lemis: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return pipeline
+
+    return run_chain(build)
 
 
 if __name__ == "__main__":

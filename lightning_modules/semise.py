@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules.transforms import zoom_nearest_torch
-from lemis.errors import ConfigError, LemisError
+from lemis.errors import ConfigError
 from lemis.files import atomic_path, run_directory
-from lemis.stages import Pipeline, Stage
+from lemis.stages import Pipeline, Stage, run_chain, split_overrides
 from lightning_modules.nets.unet2d import UNet2D
 from lightning_modules.segmentation import SegmentationModule
 
@@ -473,22 +473,6 @@ def chain(root: str | Path, overrides: dict[str, list[str]], configs: dict[str, 
                            DOWNSTREAM_OUTPUTS)], root)
 
 
-def split_overrides(extra: list[str]) -> dict[str, list[str]]:
-    """``[stage:]--key=value`` -> {"common" | stage: [--key=value]}; an argument without a stage prefix goes to
-    every stage."""
-    out: dict[str, list[str]] = {"common": []}
-    for arg in extra:
-        stage, sep, rest = arg.partition(":")
-        if sep and stage in CHAIN:
-            out.setdefault(stage, []).append(rest)
-        elif arg.startswith("--"):
-            out["common"].append(arg)
-        else:
-            raise ConfigError(f"chain argument {arg!r}: expected --key=value or <stage>:--key=value with a stage of "
-                              f"{tuple(CHAIN)}.")
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the chain; 0 when every stage is done or skipped, 2 with one sentence for bad input."""
     from experiments.__main__ import wandb_offline_without_key
@@ -501,14 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     known, extra = parser.parse_known_args(argv)
     wandb_offline_without_key()
     configs = {name: Path(getattr(known, f"{name}_config")) for name in CHAIN}
-    try:
-        chain(known.root, split_overrides(extra), configs).run()
-    except LemisError as err:
-        if os.environ.get("LEMIS_DEBUG") == "1":
-            raise
-        print(f"lemis: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_chain(lambda: chain(known.root, split_overrides(extra, CHAIN), configs))
 
 
 if __name__ == "__main__":

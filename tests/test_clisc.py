@@ -160,11 +160,12 @@ def test_thresholds_splits_and_options():
     assert clisc.cam_threshold(np.zeros((2, 3, 3)), 0.27) == 0.27
     assert clisc.split_cases(["a", "b", "c", "d"], 0.125) == (["a", "b", "c"], ["d"])
     assert clisc.split_cases(["a"], 0.125) == (["a"], []) and clisc.split_cases(["a", "b"], 0) == (["a", "b"], [])
-    o = clisc.stage_options(clisc.split_overrides(["cam:--depth=18", "--device=cpu", "cam:--cam_threshold=otsu"]))
+    o = clisc.stage_options(clisc.split_overrides(["cam:--depth=18", "--device=cpu", "cam:--cam_threshold=otsu"],
+                                                  clisc.STAGES))
     assert o["cam"].depth == 18 and o["cam"].cam_threshold == "otsu" and o["sam"].device == "cpu"
     for bad in (["cam:--depth=7"], ["cam:--epochs=two"], ["--nope=1"], ["sam:--depth=18"], ["junk"]):
         with pytest.raises(ConfigError):
-            clisc.stage_options(clisc.split_overrides(bad))
+            clisc.stage_options(clisc.split_overrides(bad, clisc.STAGES))
 
 
 # ---- the chain on a BraTS phantom -----------------------------------------------------------------------------------
