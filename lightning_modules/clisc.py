@@ -3,8 +3,8 @@ the authors' code ``HiLab-git/CLISC``). No stage reads a label.
 
 The label-free rules of the stages are functions on arrays (volumes (D, H, W) = (z, y, x)), each checked by the
 spec's hand examples: stage 0's offline slice labeller, certainty and majority vote; stage 1's binarised-CAM
-clean-up; stage 2's box prompts, the LiteMedSAM 256 frame and histogram equalisation; stage 3's largest component
-and the S3F keep rule.
+clean-up; stage 2's box prompts, the LiteMedSAM 256 frame and histogram equalisation; stage 3's largest component,
+S3F keep rule and crop padding.
 
 Below them, the chain on ``lemis.stages`` (FLAIR, whole tumour), one folder a stage under OUT:
 
@@ -15,8 +15,19 @@ Below them, the chain on ``lemis.stages`` (FLAIR, whole tumour), one folder a st
 - ``cam``: a MONAI ResNet slice classifier on the certain slices of the training cases, LayerCAM, AMDA retraining,
   binarisation, 3D opening and the component rule -> ``masks/<case>.nii.gz`` (and the classifiers and CAMs);
 - ``sam``: LiteMedSAM box-prompted on every slice of the CAM mask (the dilated box), image embeddings cached
-  (fp16, keyed by case, slice and the checkpoint's sha256) -> ``masks/<case>.nii.gz``.
-Stage 3 (3D UNet self-training, S3F) is still to come. Masks are written in the FLAIR file's geometry.
+  (fp16, keyed by case, slice and the checkpoint's sha256) -> ``masks/<case>.nii.gz``;
+- ``unet``: round 1, a 3D UNet (``nets.unet3d``) on the cases with a SAM mask, the SAM masks as labels; its
+  prediction of every case -> ``round1/masks/<case>.nii.gz`` (and the weights);
+- ``s3f``: U = the largest component of each round-1 prediction, LiteMedSAM re-prompted with U's tight boxes, the
+  best floor(0.8 N) cases by Dice(SAM, U) -> ``s3f_scores.csv``, ``kept.txt``; round 2, a fresh UNet on them with
+  labels U -> ``round2/masks/<case>.nii.gz``, the final masks.
+Masks are written in the FLAIR file's geometry. Options: ``stage:--key=value`` (``unet:--epochs=2``), or
+``--key=value`` for every stage that has the key (``--device=cuda``).
+
+    python -m lightning_modules.clisc RAW_BRATS_ROOT OUT --report
+
+reads the label files (the only code that does), scores the finished stages' masks (CAM, SAM, UNet, UNet+S3F;
+Dice, HD95 in mm) -> ``OUT/metrics.csv``, and their wall times -> ``OUT/timings.json``.
 """
 from __future__ import annotations
 
@@ -26,9 +37,12 @@ import dataclasses
 import gzip
 import io
 import json
+import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,11 +51,12 @@ import yaml
 from scipy import ndimage
 from torch import nn
 
-from datamodules.brats import brain_box, find_cases, modality_file
+from datamodules.brats import brain_box, find_cases, label_file, modality_file
 from datamodules.readers import NiftiReader
 from lemis.errors import ConfigError, DataError
-from lemis.files import MANIFEST, atomic_path
+from lemis.files import MANIFEST, atomic_path, read_manifest
 from lemis.stages import Pipeline, Stage, run_chain, split_overrides
+from lightning_modules.metrics import binary_metrics, write_rows_csv
 
 CERTAIN = 0.6
 CUBE = np.ones((3, 3, 3), dtype=bool)  # 26-neighbourhood / 3x3x3 all-ones structure
@@ -277,6 +292,15 @@ def read_mask(path: Path, flair: Flair) -> np.ndarray:
 def write_json(path: Path, value) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+
+
+def save_weights(path: Path, net: nn.Module) -> None:
+    """A state dict, written atomically; torch.save names the archive after its file, so it goes through a buffer:
+    equal weights give equal bytes (and manifest digests)."""
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
 
 
 # ---- stage 0: slice labels of every case ------------------------------------------------------------------------
@@ -540,10 +564,7 @@ def cam_round(name: str, folder: Path, train: dict, val: dict, flairs: dict[str,
     LayerCAM of every case (``<name>/cam/<case>.npy``), clean masks C = components(opening(cam >= t)).
     Returns ({case: cam}, {case: mask})."""
     net, history = train_classifier(train, val, o)
-    buffer = io.BytesIO()  # torch.save names the archive after its file: a buffer keeps equal weights equal bytes
-    torch.save(net.state_dict(), buffer)
-    with atomic_path(folder / name / "classifier.pt") as tmp:
-        tmp.write_bytes(buffer.getvalue())
+    save_weights(folder / name / "classifier.pt", net)
     write_json(folder / name / "history.json", {"epochs": history, "train_slices": len(train["labels"]),
                                                 "val_slices": len(val["labels"])})
     cams, masks = {}, {}
@@ -654,17 +675,259 @@ def sam_stage(cases: dict[str, dict], o: SamOptions):
     return run
 
 
+# ---- stage 3: 3D UNet self-training and S3F -----------------------------------------------------------------------
+
+@dataclass
+class UNetOptions:
+    """One UNet round (both rounds use it): the net (``channels``, ``dropout``), random crops of ``crop`` voxels a
+    side, the schedule (published: SGD lr 0.01, momentum 0.9, weight decay 1e-4, poly power 0.9 after every step,
+    batch 2, 400 epochs, seed 2023; the last weights are kept) and inference on the whole volume resized (nearest)
+    to crop^3."""
+
+    crop: int = 128
+    epochs: int = 400
+    batch: int = 2
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    power: float = 0.9
+    channels: list = dataclasses.field(default_factory=lambda: [16, 32, 64, 128, 256])
+    dropout: float = 0.3
+    seed: int = 2023
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if len(self.channels) < 2 or not all(isinstance(c, int) and c > 0 for c in self.channels):
+            raise ConfigError(f"unet:--channels={self.channels}: expected two or more positive ints, like "
+                              f"[16,32,64,128,256].")
+        factor = 2 ** (len(self.channels) - 1)
+        if self.crop % factor or self.crop < 2 * factor:
+            raise ConfigError(f"unet:--crop={self.crop}: {len(self.channels)} levels need a multiple of {factor} of at "
+                              f"least {2 * factor}.")
+        if self.epochs < 1 or self.batch < 1 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"unet: epochs ({self.epochs}) and batch ({self.batch}) must be at least 1, dropout "
+                              f"({self.dropout}) in [0, 1).")
+
+
+@dataclass
+class S3FOptions:
+    """S3F: LiteMedSAM re-prompted with the tight box (``margin`` 0) of each slice of the round-1 prediction U; the
+    first floor(``keep_ratio`` N) cases by Dice(S, U) train round 2 (which takes unet's options)."""
+
+    keep_ratio: float = 0.8
+    margin: int = 0
+    encoder_batch: int = 16
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if not 0 < self.keep_ratio <= 1:
+            raise ConfigError(f"s3f:--keep_ratio={self.keep_ratio}: expected a number in (0, 1].")
+
+
+def crop_padding(shape: tuple[int, ...], crop: int) -> list[int]:
+    """The zeros each side of each axis before a random crop (the authors' rule): none when every axis is longer than
+    ``crop``; otherwise every axis gets max((crop - s) // 2 + 3, 0) (so an axis of crop + 1 .. crop + 4 voxels also
+    gets 2 or 1 when another axis is short). Example, crop 128: (100, 160, 129) -> [17, 0, 2]."""
+    if all(s > crop for s in shape):
+        return [0] * len(shape)
+    return [max((crop - s) // 2 + 3, 0) for s in shape]
+
+
+def rot_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+    """rot90 by k in {0..3} in axes (0, 1), then a flip along axis 0 or 1 (both arrays alike)."""
+    k, axis = int(rng.integers(0, 4)), int(rng.integers(0, 2))
+    return np.flip(np.rot90(image, k), axis), np.flip(np.rot90(label, k), axis)
+
+
+def random_crop(image: np.ndarray, label: np.ndarray, crop: int, rng: np.random.Generator):
+    """A crop^3 window at a uniform start in [0, s - crop) per axis, after ``crop_padding`` with zeros."""
+    pads = crop_padding(image.shape, crop)
+    if any(pads):
+        image, label = (np.pad(a, [(p, p) for p in pads]) for a in (image, label))
+    start = [int(rng.integers(0, max(s - crop, 1))) for s in image.shape]
+    window = tuple(slice(a, a + crop) for a in start)
+    return np.ascontiguousarray(image[window]), np.ascontiguousarray(label[window])
+
+
+def train_unet(images: list[np.ndarray], labels: list[np.ndarray], o: UNetOptions) -> tuple[nn.Module, list[dict]]:
+    """A fresh UNet3D on volumes (D, H, W) and their binary labels: shuffled batches of ``o.batch`` (the last may be
+    smaller), each sample rot/flipped then randomly cropped (the code's order), CE only, SGD, and
+    lr = lr0 (1 - it / max_it)^power set after every step, max_it = epochs x ceil(N / batch). Returns (net in eval
+    mode with its last weights, [{"epoch", "loss"}])."""
+    from lightning_modules.nets.unet3d import UNet3D
+
+    torch.manual_seed(o.seed)
+    rng = np.random.default_rng(o.seed)
+    net = UNet3D(1, 2, o.channels, o.dropout).to(o.device).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    max_it, it, history = o.epochs * math.ceil(len(images) / o.batch), 0, []
+    for epoch in range(o.epochs):
+        order, losses = rng.permutation(len(images)), []
+        for first in range(0, len(order), o.batch):
+            batch = order[first:first + o.batch]
+            pairs = [random_crop(*rot_flip(images[i], labels[i], rng), o.crop, rng) for i in batch]
+            x = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None].to(o.device)
+            y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64)).to(o.device)
+            loss = F.cross_entropy(net(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            it += 1
+            for group in optimizer.param_groups:
+                group["lr"] = o.lr * (1 - it / max_it) ** o.power
+            losses.append(loss.item())
+        history.append({"epoch": epoch, "loss": float(np.mean(losses))})
+    return net.eval(), history
+
+
+@torch.no_grad()
+def predict_volume(net: nn.Module, volume: np.ndarray, crop: int, device: str = "cpu") -> np.ndarray:
+    """(D, H, W) -> bool (D, H, W): the volume resized nearest to crop^3 (scipy zoom, order 0, as the code), the
+    argmax of the net, resized nearest back. ``mode="nearest"``: with the code's default (constant 0) a last index
+    mapped a rounding error past the edge reads 0, blanking the last slice of an axis."""
+    small = ndimage.zoom(volume, [crop / s for s in volume.shape], order=0, mode="nearest")
+    classes = net.eval()(torch.from_numpy(small)[None, None].to(device)).argmax(1)[0].cpu().numpy().astype(np.uint8)
+    out = ndimage.zoom(classes, [s / crop for s in volume.shape], order=0, mode="nearest")
+    assert out.shape == volume.shape, (out.shape, volume.shape)
+    return out.astype(bool)
+
+
+def unet_round(folder: Path, flairs: dict[str, Flair], labels: dict[str, np.ndarray], o: UNetOptions) -> None:
+    """Train on {case: label (D, H, W)}; ``unet.pt``, ``history.json`` and ``masks/<case>.nii.gz`` (the prediction of
+    every case) in ``folder``, the wall times in its (undeclared) ``timings.json``."""
+    start = time.time()
+    net, history = train_unet([flairs[c].volume for c in labels], list(labels.values()), o)
+    trained = time.time()
+    save_weights(folder / "unet.pt", net)
+    write_json(folder / "history.json", {"cases": list(labels), "epochs": history})
+    for case, flair in flairs.items():
+        write_mask(folder / "masks" / f"{case}.nii.gz", predict_volume(net, flair.volume, o.crop, o.device), flair)
+    write_json(folder / "timings.json", {"train_s": round(trained - start, 3),
+                                         "predict_s": round(time.time() - trained, 3)})
+
+
+def unet_stage(cases: dict[str, dict], o: UNetOptions):
+    """Round 1: a UNet on every case with a SAM mask (sam's ``cases.json``), the SAM masks as labels; its prediction
+    of every case -> ``round1/masks/<case>.nii.gz`` (the "UNet" row of the report)."""
+    def run(folder: Path, inputs: dict[str, Path]) -> None:
+        labelled = json.loads((inputs["sam"] / "cases.json").read_text())["labelled"]
+        if not labelled:
+            raise DataError("stage sam gave no case a SAM mask (every CAM mask was empty): nothing to train the "
+                            "UNet on.")
+        flairs = {case: read_flair(source) for case, source in cases.items()}
+        labels = {case: read_mask(inputs["sam"] / "masks" / f"{case}.nii.gz", flairs[case]) for case in labelled}
+        unet_round(folder / "round1", flairs, labels, o)
+    return run
+
+
+def s3f_stage(cases: dict[str, dict], o: S3FOptions, unet: UNetOptions):
+    """U = the largest component of each round-1 prediction (an empty U drops the case); S = LiteMedSAM on every
+    slice of U with its tight box, times M; score Dice(S, U) -> ``s3f_scores.csv`` (case, score, status kept |
+    dropped | empty), ``kept.txt`` (the kept cases, best first); round 2: a fresh UNet on the kept cases with labels U
+    -> ``round2/``. Embeddings come from (and missing ones go to) sam's ``emb_cache/``: a cache keyed by case, slice
+    and checkpoint, no declared output of sam."""
+    def run(folder: Path, inputs: dict[str, Path]) -> None:
+        from lightning_modules.nets.lite_medsam import CHECKPOINT_SHA256, load_lite_medsam
+
+        flairs = {case: read_flair(source) for case, source in cases.items()}
+        pseudo = {}
+        for case, flair in flairs.items():
+            u = largest_component(read_mask(inputs["unet"] / "round1" / "masks" / f"{case}.nii.gz", flair))
+            if u.any():
+                pseudo[case] = u
+        if not pseudo:
+            raise DataError("the round-1 UNet predicted no tumour in any case: S3F has nothing to score.")
+        start = time.time()
+        net = load_lite_medsam(o.device)
+        prompt = SamOptions(margin=o.margin, encoder_batch=o.encoder_batch, device=o.device)
+        scores = {case: dice(sam_case(net, inputs["sam"] / "emb_cache", case, CHECKPOINT_SHA256, flairs[case], u,
+                                      prompt)[0], u) for case, u in pseudo.items()}
+        del net
+        kept = s3f_keep(scores, o.keep_ratio)
+        rows = [{"case": c, "score": scores[c], "status": "kept" if c in kept else "dropped"}
+                for c in sorted(scores, key=lambda c: (-scores[c], c))]
+        rows += [{"case": c, "score": "", "status": "empty"} for c in flairs if c not in pseudo]
+        write_rows_csv(rows, folder / "s3f_scores.csv")
+        with atomic_path(folder / "kept.txt") as tmp:
+            tmp.write_text("".join(f"{c}\n" for c in kept))
+        write_json(folder / "timings.json", {"score_s": round(time.time() - start, 3)})
+        unet_round(folder / "round2", flairs, {c: pseudo[c] for c in flairs if c in kept}, unet)
+    return run
+
+
+def round_outputs(name: str, cases: list[str]) -> tuple[str, ...]:
+    return (f"{name}/unet.pt", f"{name}/history.json", *[f"{name}/masks/{c}.nii.gz" for c in cases])
+
+
+# ---- the report: the only place that reads labels -------------------------------------------------------------------
+
+# report row -> (stage, its masks folder)
+REPORTED = {"CAM": ("cam", "masks"), "SAM": ("sam", "masks"), "UNet": ("unet", "round1/masks"),
+            "UNet+S3F": ("s3f", "round2/masks")}
+
+
+def score(pred: np.ndarray, truth: np.ndarray, spacing) -> dict:
+    """{"Dice", "HD95" (mm), "empty"} of one whole-tumour prediction (``metrics.binary_metrics``, medpy's HD95), except
+    CLISC's rule: an empty prediction of a present tumour scores Dice 0 and HD95 NaN, counted in ``empty``."""
+    m = binary_metrics(pred, truth, spacing)
+    missed = not pred.any() and truth.any()
+    return {"Dice": m["dice"], "HD95": float("nan") if missed else m["hd95_mm"], "empty": int(missed)}
+
+
+def label_files(raw: str | Path) -> dict[str, Path]:
+    """{case: its label file} of every BraTS case under ``raw`` (``datamodules.brats.label_file``)."""
+    found = find_cases(Path(raw))
+    if not found:
+        raise DataError(f"no BraTS case folder under {raw}: the report reads the cases' label files there.")
+    return {case: label_file(case, where) for case, where in found.items()}
+
+
+def write_report(out: str | Path, labels: dict[str, Path], log=print) -> list[dict]:
+    """Score the masks of every finished stage (CAM, SAM, UNet, UNet+S3F) against the whole tumour (label > 0) of
+    ``labels`` ({case: label file}) -> ``OUT/metrics.csv`` (case, stage, Dice, HD95 in mm from the label file's
+    header spacing, empty), and the stages' wall seconds -> ``OUT/timings.json``. Every case is scored
+    (transductive). Returns the rows."""
+    out = Path(out)
+    records = {stage: read_manifest(out / stage) for stage in STAGES}
+    done = [row for row, (stage, _) in REPORTED.items() if records[stage] is not None]
+    if not done:
+        raise DataError(f"no finished CLISC stage under {out}: run the chain first.")
+    rows = []
+    for case, path in labels.items():
+        for row in done:
+            stage, masks = REPORTED[row]
+            pred = out / stage / masks / f"{case}.nii.gz"
+            data = NiftiReader().read({"label": path, "pred": pred}, ("label", "pred"))
+            rows.append({"case": case, "stage": row, **score(data["pred"] > 0, data["label"] > 0,
+                                                              data["attrs"]["spacing"])})
+    write_rows_csv(rows, out / "metrics.csv")
+    walls = {stage: record["wall_s"] for stage, record in records.items() if record is not None}
+    steps = {str(f.parent.relative_to(out)): json.loads(f.read_text()) for stage in walls
+             for f in sorted((out / stage).glob("**/timings.json"))}  # the rounds' training / prediction / S3F times
+    write_json(out / "timings.json", {"stages_s": walls, "total_s": round(sum(walls.values()), 3), "steps_s": steps})
+    for row in done:
+        picked = [r for r in rows if r["stage"] == row]
+        hd95 = [r["HD95"] for r in picked if not math.isnan(r["HD95"])]
+        log(f"lemis: CLISC {row}: mean Dice {np.mean([r['Dice'] for r in picked]):.4f}, mean HD95 "
+            f"{np.mean(hd95) if hd95 else float('nan'):.2f} mm over {len(hd95)} cases, "
+            f"{sum(r['empty'] for r in picked)} empty predictions of {len(picked)}")
+    return rows
+
+
 # ---- the chain ---------------------------------------------------------------------------------------------------
 
-OPTIONS = {"slice_labels": SliceLabelOptions, "cam": CamOptions, "sam": SamOptions}
+OPTIONS = {"slice_labels": SliceLabelOptions, "cam": CamOptions, "sam": SamOptions, "unet": UNetOptions,
+           "s3f": S3FOptions}
 STAGES = tuple(OPTIONS)
 
 
 def coerce(stage: str, key: str, text: str, default):
-    """``--key=text`` as the type of the option's default (YAML scalars: 3, 0.5, true, otsu); one sentence
+    """``--key=text`` as the type of the option's default (YAML: 3, 0.5, true, otsu, [16,32]); one sentence
     naming the option otherwise."""
     value = yaml.safe_load(text)
-    if isinstance(default, bool) or isinstance(value, bool):
+    if isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    elif isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(default, bool)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) or (key == "cam_threshold" and value == "otsu")
@@ -716,21 +979,39 @@ def chain(raw: str | Path, out: str | Path, overrides: dict[str, list[str]] | No
         Stage("sam", sam_stage(cases, o["sam"]), ("cam",),
               ("cases.json", *[f"{d}/{c}.{e}" for c in names for d, e in (("masks", "nii.gz"), ("prompts", "json"))]),
               params=dataclasses.asdict(o["sam"])),
+        Stage("unet", unet_stage(cases, o["unet"]), ("sam",), round_outputs("round1", names),
+              params=dataclasses.asdict(o["unet"])),
+        Stage("s3f", s3f_stage(cases, o["s3f"], o["unet"]), ("sam", "unet"),
+              ("s3f_scores.csv", "kept.txt", *round_outputs("round2", names)),
+              params={**dataclasses.asdict(o["s3f"]), "round2": dataclasses.asdict(o["unet"])}),
     ]
     return Pipeline(stages[:STAGES.index(until) + 1], out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the chain; 0 when every stage is done or skipped, 2 with one sentence for bad input."""
+    """Run the chain (or, with ``--report``, score a finished one); 0 when every stage is done or skipped, 2 with
+    one sentence for bad input."""
     parser = argparse.ArgumentParser(prog="python -m lightning_modules.clisc",
-                                     description="CLISC on BraTS FLAIR: slice labels -> CAM masks -> SAM masks.",
+                                     description="CLISC on BraTS FLAIR: slice labels -> CAM masks -> SAM masks -> "
+                                                 "3D UNet -> S3F and a second UNet.",
                                      allow_abbrev=False)  # --r=... must not become --rerun
     parser.add_argument("raw", help="the BraTS folder (case folders anywhere below it)")
     parser.add_argument("out", help="the chain's folder: one sub-folder a stage, skipped when done")
     parser.add_argument("--until", choices=STAGES, default=STAGES[-1], help="the last stage to run")
     parser.add_argument("--rerun", choices=STAGES, action="append", default=[],
                         help="run this stage again (and every stage that reads it)")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: score OUT's finished stages against RAW's label files (the only command "
+                             "that reads labels) -> OUT/metrics.csv and OUT/timings.json")
     known, extra = parser.parse_known_args(argv)
+
+    if known.report:
+        def report_job() -> SimpleNamespace:
+            if extra or known.rerun:
+                raise ConfigError("--report scores a finished run: give it RAW and OUT only.")
+            return SimpleNamespace(run=lambda: write_report(known.out, label_files(known.raw)))
+
+        return run_chain(report_job)
 
     def build() -> Pipeline:
         pipeline = chain(known.raw, known.out, split_overrides(extra, STAGES), known.until)

@@ -1,6 +1,7 @@
-"""CLISC's label-free rules (spec/methods/clisc.md) on the spec's hand examples and a FLAIR-like phantom; the chain
-slice_labels -> cam -> sam end to end on a BraTS phantom: skipped when done, one stage rerun alone, the same outputs
-with every label file removed, bad input in one sentence."""
+"""CLISC's label-free rules (spec/methods/clisc.md) on the spec's hand examples and a FLAIR-like phantom; stage 3's
+UNet, crops and inference; the report's Dice / HD95 on cubes; the chain slice_labels -> cam -> sam -> unet -> s3f end
+to end on a BraTS phantom: skipped when done, one stage rerun with what reads it, the same outputs with every label
+file removed, the report from the label files, bad input in one sentence."""
 from __future__ import annotations
 
 import json
@@ -10,11 +11,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from datamodules.phantoms.brats import make_brats
 from lemis.errors import ConfigError
-from lemis.files import read_manifest
+from lemis.files import read_manifest, write_manifest
 from lightning_modules import clisc
 from lightning_modules.clisc import (
     amda_cam_guided,
@@ -32,6 +34,7 @@ from lightning_modules.clisc import (
     s3f_keep,
     slice_probability,
 )
+from lightning_modules.nets.unet3d import UNet3D
 
 
 @pytest.mark.parametrize("fraction,p,certain", [(0.0, 0.0, True), (0.005, 0.2, True), (0.01, 0.5, False),
@@ -118,6 +121,65 @@ def test_s3f_keep_rule():
     assert dice(a, a) == 1.0 and dice(a, ~a) == 0.0 and dice(a & False, a & False) == 0.0
 
 
+# ---- stage 3 pieces ------------------------------------------------------------------------------------------------
+
+def test_unet3d_shapes_gradients_and_published_size():
+    assert sum(p.numel() for p in UNet3D().parameters()) == 5_884_050  # channels 16..256, 1 in, 2 out, conv biases
+    torch.manual_seed(0)
+    net = UNet3D(1, 2, channels=(2, 4, 4)).train()
+    logits = net(torch.randn(2, 1, 16, 16, 8))
+    assert logits.shape == (2, 2, 16, 16, 8)
+    F.cross_entropy(logits, torch.randint(2, (2, 16, 16, 8))).backward()
+    # every parameter is reached (a conv bias right before instance norm gets a gradient of ~0: the norm removes it)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert all(p.grad.abs().sum() > 0 for name, p in net.named_parameters() if name.endswith("weight"))
+    with torch.no_grad():
+        x = torch.randn(1, 1, 8, 8, 8)
+        assert torch.equal(net.eval()(x), net(x))  # dropout (centre, last decoder block) is off in eval mode
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net(torch.randn(1, 1, 16, 16, 10))
+
+
+def test_crop_padding_random_crop_and_rot_flip():
+    # the authors' rule: when an axis is <= crop, every axis gets max((crop - s) // 2 + 3, 0) zeros a side
+    assert clisc.crop_padding((100, 160, 129), 128) == [17, 0, 2]
+    assert clisc.crop_padding((129, 160, 200), 128) == [0, 0, 0] and clisc.crop_padding((128,) * 3, 128) == [3] * 3
+    assert clisc.crop_padding((10, 20, 30), 16) == [6, 1, 0]
+    rng = np.random.default_rng(0)
+    image = np.arange(10 * 20 * 30, dtype=np.float32).reshape(10, 20, 30) + 1
+    label = image.astype(np.int64)
+    for _ in range(20):  # padded to (22, 22, 30): starts in [0, 6) x [0, 6) x [0, 14)
+        x, y = clisc.random_crop(*clisc.rot_flip(image, label, rng), 16, rng)
+        assert x.shape == y.shape == (16, 16, 16) and np.array_equal(x, y)  # one window for both
+        assert (x == 0).any() and set(np.unique(x[x > 0])) <= set(np.unique(image))
+    turned = [clisc.rot_flip(image, label, np.random.default_rng(s))[0] for s in range(40)]
+    assert {t.shape for t in turned} == {(10, 20, 30), (20, 10, 30)}  # rot90 in axes (0, 1)
+    assert all(t[..., 0].sum() == image[..., 0].sum() for t in turned)  # axis 2 is never turned or flipped
+
+
+def test_inference_resizes_nearest_and_back():
+    class Threshold(torch.nn.Module):  # class 1 where the input is positive
+        def forward(self, x):
+            return torch.cat([torch.zeros_like(x), x], 1)
+
+    volume = -np.ones((10, 20, 30), np.float32)
+    volume[:, :10] = 1
+    out = clisc.predict_volume(Threshold(), volume, 16)
+    assert out.shape == volume.shape and out.dtype == bool and np.array_equal(out, volume > 0)
+
+
+def test_unet_and_s3f_options():
+    o = clisc.stage_options(clisc.split_overrides(["unet:--channels=[2,4,4]", "unet:--crop=16", "--device=cpu",
+                                                  "s3f:--keep_ratio=0.6"], clisc.STAGES))
+    assert o["unet"].channels == [2, 4, 4] and o["unet"].crop == 16 and o["unet"].epochs == 400
+    assert o["s3f"].keep_ratio == 0.6 and o["s3f"].margin == 0 and o["sam"].margin == 10
+    assert o["unet"].device == o["s3f"].device == "cpu"
+    for bad in (["unet:--channels=16"], ["unet:--channels=[2,4.5]"], ["unet:--crop=20"], ["unet:--crop=4",
+                "unet:--channels=[2,4,4]"], ["s3f:--keep_ratio=0"], ["s3f:--epochs=2"]):
+        with pytest.raises(ConfigError):
+            clisc.stage_options(clisc.split_overrides(bad, clisc.STAGES))
+
+
 # ---- stage 1 pieces ------------------------------------------------------------------------------------------------
 
 def test_amda_hides_the_top_of_the_cam_in_the_box_or_the_brightest_pixels():
@@ -170,7 +232,8 @@ def test_thresholds_splits_and_options():
 
 # ---- the chain on a BraTS phantom -----------------------------------------------------------------------------------
 
-FAST = ["cam:--depth=10", "cam:--input_size=64", "cam:--epochs=20", "cam:--lr=0.001", "cam:--val_fraction=0"]
+FAST = ["cam:--depth=10", "cam:--input_size=64", "cam:--epochs=20", "cam:--lr=0.001", "cam:--val_fraction=0",
+        "unet:--channels=[4,8,8]", "unet:--crop=16", "unet:--epochs=30", "unet:--lr=0.1"]
 
 
 def flair_phantom(root):
@@ -225,6 +288,16 @@ def test_chain_end_to_end_without_labels(unlabelled_run):
         assert len(list((out / "sam" / "emb_cache").glob(f"{case}.litemedsam.*.pt"))) == (case in prompted)
     print("Dice vs phantom ground truth:", {f"{c}/{s}": round(d, 3) for (c, s), d in scores.items()})
     assert prompted and np.mean([d for (c, s), d in scores.items() if s == "sam"]) > 0.1
+    rows = (out / "s3f" / "s3f_scores.csv").read_text().splitlines()
+    kept = (out / "s3f" / "kept.txt").read_text().split()
+    assert rows[0] == "case,score,status" and len(rows) == 1 + len(labels)
+    assert kept == [rows[1].split(",")[0]] and rows[1].endswith(",kept")  # floor(0.8 x 2) = 1: the best score
+    assert json.loads((out / "s3f" / "round2" / "history.json").read_text())["cases"] == kept
+    assert json.loads((out / "unet" / "round1" / "history.json").read_text())["cases"] == prompted
+    for case, label in labels.items():
+        shape = nib.load(str(label)).shape
+        for masks in ("unet/round1/masks", "s3f/round2/masks"):
+            assert nib.load(str(out / masks / f"{case}.nii.gz")).shape == shape
 
 
 def test_second_invocation_skips_and_one_stage_reruns_alone(unlabelled_run, capsys):
@@ -233,11 +306,18 @@ def test_second_invocation_skips_and_one_stage_reruns_alone(unlabelled_run, caps
     manifests = {s: (out / s / "manifest.json").read_text() for s in clisc.STAGES}
     capsys.readouterr()
     assert clisc.main([str(raw), str(out), *FAST]) == 0
-    assert capsys.readouterr().out.count("done before, skipped") == 3
+    assert capsys.readouterr().out.count("done before, skipped") == len(clisc.STAGES) == 5
     assert manifests == {s: (out / s / "manifest.json").read_text() for s in clisc.STAGES}
     assert clisc.main([str(raw), str(out), "--rerun", "sam", *FAST]) == 0  # embeddings from the cache
+    log = capsys.readouterr().out  # the stages reading sam run again, with the same results (seeded)
+    assert all(f"stage {s}: done" in log for s in ("sam", "unet", "s3f")) and log.count("skipped") == 2
+    assert digests(out) == before
+    assert clisc.main([str(raw), str(out), *FAST, "s3f:--keep_ratio=1"]) == 0  # a changed option reruns its stage
     log = capsys.readouterr().out
-    assert "stage sam: done" in log and log.count("skipped") == 2 and digests(out) == before
+    assert "stage s3f: done" in log and log.count("skipped") == 4
+    assert len((out / "s3f" / "kept.txt").read_text().split()) == 2
+    assert clisc.main([str(raw), str(out), *FAST]) == 0  # back to the defaults for the other tests
+    assert digests(out) == before
 
 
 def test_labels_present_or_absent_give_the_same_outputs(unlabelled_run, tmp_path):
@@ -251,6 +331,59 @@ def test_labels_present_or_absent_give_the_same_outputs(unlabelled_run, tmp_path
     shutil.copytree(out / "sam" / "emb_cache", tmp_path / "out" / "sam" / "emb_cache")
     assert clisc.main([str(labelled), str(tmp_path / "out"), *FAST]) == 0
     assert digests(tmp_path / "out") == digests(out)
+
+
+# ---- the report -----------------------------------------------------------------------------------------------------
+
+def nifti(path, array, spacing=(1.0, 1.0, 1.0)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array.astype(np.uint8), np.diag([*spacing, 1.0])), str(path))
+    return path
+
+
+def test_report_scores_cubes_in_mm_and_empty_predictions(tmp_path):
+    """Truth: a 6^3 cube; CAM: the cube shifted one voxel along x (2.5 mm): Dice 2*180/432 = 5/6, and the far faces lie
+    one x-step from the other cube's border while no border distance exceeds it, so HD95 = 2.5 mm. SAM: the truth
+    itself for case a, nothing for case b (Dice 0, HD95 NaN, counted)."""
+    spacing = (2.5, 1.0, 1.0)
+    truth = np.zeros((12, 12, 12), np.uint8)
+    truth[2:8, 2:8, 2:8] = 2  # a BraTS label value: WT = label > 0
+    out = tmp_path / "out"
+    labels = {c: nifti(tmp_path / "labels" / f"{c}.nii.gz", truth, spacing) for c in ("a", "b")}
+    for case in ("a", "b"):
+        nifti(out / "cam" / "masks" / f"{case}.nii.gz", np.roll(truth > 0, 1, axis=0), spacing)
+        nifti(out / "sam" / "masks" / f"{case}.nii.gz", (truth > 0) & (case == "a"), spacing)
+    write_manifest(out / "cam", ["masks/a.nii.gz", "masks/b.nii.gz"], {"wall_s": 1.5})
+    write_manifest(out / "sam", ["masks/a.nii.gz", "masks/b.nii.gz"], {"wall_s": 2.0})
+    rows = {(r["case"], r["stage"]): r for r in clisc.write_report(out, labels)}
+    assert set(rows) == {(c, s) for c in "ab" for s in ("CAM", "SAM")}  # unet, s3f not run: no rows
+    assert rows["a", "CAM"]["Dice"] == pytest.approx(5 / 6) and rows["a", "CAM"]["HD95"] == pytest.approx(2.5)
+    assert rows["a", "SAM"]["Dice"] == 1.0 and rows["a", "SAM"]["HD95"] == 0.0 and rows["a", "SAM"]["empty"] == 0
+    assert rows["b", "SAM"]["Dice"] == 0.0 and np.isnan(rows["b", "SAM"]["HD95"]) and rows["b", "SAM"]["empty"] == 1
+    csv = (out / "metrics.csv").read_text().splitlines()
+    assert csv[0] == "case,stage,Dice,HD95,empty" and "b,SAM,0.0,nan,1" in csv and len(csv) == 5
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["stages_s"] == {"cam": 1.5, "sam": 2.0} and timings["total_s"] == 3.5
+    with pytest.raises(clisc.DataError, match="no finished CLISC stage"):
+        clisc.write_report(tmp_path / "nothing", labels)
+
+
+def test_report_command_reads_the_labels_after_the_chain(unlabelled_run, tmp_path, capsys):
+    raw, out, labels = unlabelled_run
+    labelled = tmp_path / "raw"
+    shutil.copytree(raw, labelled)
+    for case, label in labels.items():
+        shutil.copy(label, labelled / case / label.name)
+    assert clisc.main([str(labelled), str(out), "--report"]) == 0
+    assert "UNet+S3F: mean Dice" in capsys.readouterr().out
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert sorted((r.split(",")[0], r.split(",")[1]) for r in rows) == sorted(
+        (c, s) for c in labels for s in ("CAM", "SAM", "UNet", "UNet+S3F"))
+    assert set(json.loads((out / "timings.json").read_text())["stages_s"]) == set(clisc.STAGES)
+    assert clisc.main([str(raw), str(out), "--report"]) == 2  # the label-free folder: the missing label is named
+    assert "_seg.nii.gz" in capsys.readouterr().err
+    assert clisc.main([str(labelled), str(out), "--report", "unet:--epochs=1"]) == 2
+    assert "--report scores a finished run" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_sentence(tmp_path, capsys):
