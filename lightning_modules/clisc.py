@@ -305,23 +305,73 @@ def save_weights(path: Path, net: nn.Module) -> None:
 
 # ---- stage 0: slice labels of every case ------------------------------------------------------------------------
 
+LABELLERS = ("intensity", "clip")
+
+
 @dataclass
 class SliceLabelOptions:
-    """The offline labeller (k, tau, gamma, min_brain) and the majority vote (radius, max_gap, min_voters)."""
+    """``labeller``: ``intensity`` (the offline rule: k, tau, gamma, min_brain) or ``clip`` (zero-shot CLIP ViT-B/32
+    from ``clip_checkpoint``, a path; its two prompts from ``clip_vocab``, CLIP's BPE file (unset: the copy in an
+    installed open-clip-torch wheel), or ``clip_embeddings``, precomputed; ``clip_input``: ``minmax`` or the authors'
+    ``authors_truncate``); the majority vote (radius, max_gap, min_voters)."""
 
+    labeller: str = "intensity"
     k: float = 3.0
     tau: float = 0.01
     gamma: float = 2.0
     min_brain: float = 0.05
+    clip_checkpoint: str | None = None
+    clip_vocab: str | None = None
+    clip_embeddings: str | None = None
+    clip_input: str = "minmax"
+    clip_batch: int = 64
     radius: int = 5
     max_gap: int = 6
     min_voters: int = 9
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.labeller not in LABELLERS:
+            raise ConfigError(f"slice_labels:--labeller={self.labeller}: expected one of {list(LABELLERS)}.")
+        if self.labeller == "clip" and not self.clip_checkpoint:
+            raise ConfigError("slice_labels:--labeller=clip needs slice_labels:--clip_checkpoint=PATH (a CLIP ViT-B/32 "
+                              "state dict or OpenAI's .pt; nothing is downloaded).")
+        if self.clip_input not in ("minmax", "authors_truncate"):
+            raise ConfigError(f"slice_labels:--clip_input={self.clip_input}: expected minmax or authors_truncate.")
 
 
-def label_case(volume: np.ndarray, o: SliceLabelOptions) -> list[dict]:
-    """Per slice {"z", "p", "certain", "raw", "final"}: the labeller's rows, with the majority vote over the certain
-    slices as "final" (None for uncertain slices, never used downstream)."""
-    rows = intensity_slice_labels(volume, o.k, o.tau, o.gamma, o.min_brain)
+def clip_slice_labels(volume: np.ndarray, clip) -> list[dict]:
+    """Per axial slice z: {"z", "p" (CLIP's tumour probability), "certain" (max(p, 1 - p) >= 0.6), "raw" (argmax: 1
+    iff p > 0.5; None when uncertain)}. ``clip``: (model, prompt features, input mode, batch)."""
+    model, text, mode, batch = clip
+    from lightning_modules.nets.clip_vit import tumour_probability
+
+    p = tumour_probability(model, torch.from_numpy(np.ascontiguousarray(volume)), text, mode, batch).tolist()
+    return [{"z": z, "p": pz, "certain": max(pz, 1 - pz) >= CERTAIN,
+             "raw": int(pz > 0.5) if max(pz, 1 - pz) >= CERTAIN else None} for z, pz in enumerate(p)]
+
+
+def load_clip_labeller(o: SliceLabelOptions):
+    """(model, [2, D] features of (normal, tumour) prompts, input mode, batch) for ``clip_slice_labels``."""
+    from lightning_modules.nets.clip_vit import PROMPTS, load_clip, open_clip_vocab_path, prompt_features
+
+    model = load_clip(o.clip_checkpoint, device=o.device)
+    vocab = o.clip_vocab if o.clip_vocab or o.clip_embeddings else open_clip_vocab_path()
+    if vocab is None and o.clip_embeddings is None:
+        raise ConfigError("slice_labels:--labeller=clip needs CLIP's BPE vocabulary: slice_labels:--clip_vocab=PATH "
+                          "(bpe_simple_vocab_16e6.txt.gz), --clip_embeddings=PATH, or pip install --no-deps "
+                          "open-clip-torch==3.3.0 (its wheel ships the file).")
+    return model, prompt_features(model, PROMPTS, vocab, o.clip_embeddings), o.clip_input, o.clip_batch
+
+
+def label_case(volume: np.ndarray, o: SliceLabelOptions, clip=None) -> list[dict]:
+    """Per slice {"z", "p", "certain", "raw", "final"}: the labeller's rows (``clip``: ``load_clip_labeller``'s tuple
+    when ``o.labeller`` is clip), with the majority vote over the certain slices as "final" (None for uncertain
+    slices, never used downstream)."""
+    if o.labeller == "clip":
+        rows = clip_slice_labels(volume, clip)
+    else:
+        rows = intensity_slice_labels(volume, o.k, o.tau, o.gamma, o.min_brain)
     certain = [r for r in rows if r["certain"]]
     final = majority_vote([r["z"] for r in certain], [r["raw"] for r in certain], o.radius, o.max_gap, o.min_voters)
     for row in rows:
@@ -333,8 +383,9 @@ def label_case(volume: np.ndarray, o: SliceLabelOptions) -> list[dict]:
 
 def slice_labels_stage(cases: dict[str, dict], o: SliceLabelOptions):
     def run(folder: Path, inputs: dict[str, Path]) -> None:
-        labels = {case: label_case(read_flair(source).volume, o) for case, source in cases.items()}
-        write_json(folder / "slice_labels.json", {"labeller": "intensity", "cases": labels})
+        clip = load_clip_labeller(o) if o.labeller == "clip" else None
+        labels = {case: label_case(read_flair(source).volume, o, clip) for case, source in cases.items()}
+        write_json(folder / "slice_labels.json", {"labeller": o.labeller, "cases": labels})
     return run
 
 

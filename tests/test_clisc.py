@@ -397,3 +397,47 @@ def test_bad_input_is_one_sentence(tmp_path, capsys):
     assert clisc.main([str(raw), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{flair} not found" in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+# ---- stage 0's CLIP backend -------------------------------------------------------------------------------------------
+
+def test_clip_labeller_rows_follow_the_certainty_rule(monkeypatch):
+    """p per slice from CLIP (stubbed to chosen values): certain iff max(p, 1 - p) >= 0.6, raw = argmax (1 iff
+    p > 0.5), and the vote runs over the certain slices only."""
+    import lightning_modules.nets.clip_vit as clip_vit
+
+    p = torch.tensor([0.1, 0.55, 0.9, 0.4, 0.6, 0.45])
+    monkeypatch.setattr(clip_vit, "tumour_probability", lambda model, slices, text, mode, batch: p[:len(slices)])
+    rows = clisc.label_case(np.zeros((6, 8, 8), np.float32), clisc.SliceLabelOptions(labeller="clip",
+                                                                                  clip_checkpoint="unused"),
+                            clip=(None, None, "minmax", 64))
+    assert [r["certain"] for r in rows] == [True, False, True, False, True, False]
+    assert [r["raw"] for r in rows] == [0, None, 1, None, 1, None]
+    assert [r["final"] for r in rows] == [0, None, 1, None, 1, None]  # 2 voters < 9: labels kept
+
+
+def test_clip_labeller_options_are_checked():
+    with pytest.raises(ConfigError, match="clip_checkpoint"):
+        clisc.SliceLabelOptions(labeller="clip")
+    with pytest.raises(ConfigError, match="labeller=cnn"):
+        clisc.SliceLabelOptions(labeller="cnn")
+    with pytest.raises(ConfigError, match="clip_input=rgb"):
+        clisc.SliceLabelOptions(labeller="clip", clip_checkpoint="x", clip_input="rgb")
+
+
+def test_chain_stage0_with_a_tiny_clip_checkpoint(tmp_path):
+    """slice_labels with labeller clip: a tiny random CLIP (written here) and a tiny BPE file give one row per slice
+    of every case, p in [0, 1], the labeller recorded."""
+    from tests.test_clip_vit import random_state, tiny_vocab
+
+    raw = flair_phantom(tmp_path / "raw")
+    torch.save(random_state(), tmp_path / "tiny_clip.pt")
+    args = [str(raw), str(tmp_path / "out"), "--until", "slice_labels", "slice_labels:--labeller=clip",
+            f"slice_labels:--clip_checkpoint={tmp_path / 'tiny_clip.pt'}",
+            f"slice_labels:--clip_vocab={tiny_vocab(tmp_path)}"]
+    assert clisc.main(args) == 0
+    record = json.loads((tmp_path / "out" / "slice_labels" / "slice_labels.json").read_text())
+    assert record["labeller"] == "clip" and len(record["cases"]) == 2
+    for case, rows in record["cases"].items():
+        assert len(rows) == clisc.read_flair(clisc.find_flair(raw)[case]).volume.shape[0]
+        assert all(0 <= r["p"] <= 1 and r["certain"] == (max(r["p"], 1 - r["p"]) >= 0.6) for r in rows)
