@@ -241,13 +241,15 @@ def hausdorff_cv_compat(pred: np.ndarray, gt: np.ndarray, rank: float = 0.6) -> 
 
 
 def hausdorff_max(pred: np.ndarray, gt: np.ndarray) -> float:
-    """The symmetric Hausdorff distance (pixels) of the foreground pixel sets; NaN when one is empty."""
-    from scipy.spatial.distance import directed_hausdorff
+    """The symmetric Hausdorff distance (pixels) of the foreground pixel sets; NaN when one is empty. Exact Euclidean
+    distance transforms (O(pixels)): scipy's ``directed_hausdorff`` on the point sets is O(|A| |B|) when the sets are
+    far apart, which took minutes for one 775 x 522 GlaS image predicted almost all foreground."""
+    from scipy.ndimage import distance_transform_edt
 
-    a, b = np.argwhere(pred), np.argwhere(gt)
-    if not len(a) or not len(b):
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    if not pred.any() or not gt.any():
         return float("nan")
-    return float(max(directed_hausdorff(a, b)[0], directed_hausdorff(b, a)[0]))
+    return float(max(distance_transform_edt(~gt)[pred].max(), distance_transform_edt(~pred)[gt].max()))
 
 
 def histology_row(pred: np.ndarray, gt: np.ndarray, case: str) -> dict:

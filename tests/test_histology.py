@@ -16,6 +16,7 @@ from lightning_modules.metrics import (
     blur_threshold,
     contour_points,
     hausdorff_cv_compat,
+    hausdorff_max,
     histology_row,
 )
 from lightning_modules.nets.vgg_mil import VGG16_CONV_INDICES, VGGMIL
@@ -116,6 +117,23 @@ def squares():
     pred = np.zeros((4, 4), bool)
     pred[1:3, 1:4] = True
     return pred, gt
+
+
+def test_hausdorff_max_equals_the_point_set_definition():
+    """The distance-transform Hausdorff equals scipy's directed_hausdorff on the pixel coordinates (both ways), on
+    random masks and on two single pixels 3-4-5 apart; NaN when a mask is empty."""
+    from scipy.spatial.distance import directed_hausdorff
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        a, b = rng.random((30, 40)) > 0.97, rng.random((30, 40)) > 0.9
+        pa, pb = np.argwhere(a), np.argwhere(b)
+        expected = max(directed_hausdorff(pa, pb)[0], directed_hausdorff(pb, pa)[0])
+        assert hausdorff_max(a, b) == pytest.approx(expected, abs=1e-9)
+    a, b = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
+    a[1, 1], b[4, 5] = True, True
+    assert hausdorff_max(a, b) == 5.0
+    assert np.isnan(hausdorff_max(a, np.zeros_like(a)))
 
 
 def test_positive_and_negative_image_rows():
