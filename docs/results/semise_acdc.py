@@ -1,0 +1,115 @@
+"""The SEMISE CPU check of docs/results/semise_acdc.md: per seed, three arms on ACDC (grades for the 7 training
+patients of experiments/acdc/semise_classify.yaml only), each scored on val.list:
+- ``scratch``: semise_classify.yaml and semise_segment.yaml from random weights;
+- ``simclr``: the SEMISE chain with alpha = 1 (NT-Xent only), its encoder loaded into both downstream nets;
+- ``semise``: the SEMISE chain as configured (alpha 0.5: NT-Xent + margin + rank).
+
+    python docs/results/semise_acdc.py --seeds 1 [--arms scratch simclr semise]   # runs what is missing
+    python docs/results/semise_acdc.py --seeds 1 2 --report                        # table + curves only
+
+Runs live in ``runs/semise_acdc/<arm>_seed<S>/{pretrain,classify,segment}`` (a stage with a ``DONE`` marker, or a
+chain stage with its manifest, is skipped). The report takes the last validation of each run: severity macro F1,
+macro recall, MAE over the validation patients, segmentation mean Dice over classes and cases, and draws the
+segmentation validation curves (``runs/semise_acdc/curves.png``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path("runs/semise_acdc")
+CONFIGS = {"classify": "experiments/acdc/semise_classify.yaml", "segment": "experiments/acdc/semise_segment.yaml"}
+ARMS = ("scratch", "simclr", "semise")
+KEYS = {"classify": ("val/f1", "val/recall", "val/mae"), "segment": ("val/dice/mean",)}
+
+
+def run_arm(arm: str, seed: int) -> None:
+    folder = OUT / f"{arm}_seed{seed}"
+    if arm == "scratch":
+        for stage, config in CONFIGS.items():
+            if not (folder / stage / "DONE").is_file():
+                subprocess.run([sys.executable, "-m", "experiments", "fit", "--config", config, f"--seed_everything={seed}",
+                                f"--trainer.logger.init_args.save_dir={folder / stage}",
+                                "--trainer.enable_progress_bar=false"], check=True)
+                (folder / stage / "DONE").touch()
+        return
+    alpha = ["pretrain:--model.init_args.alpha=1.0"] if arm == "simclr" else []
+    subprocess.run([sys.executable, "-m", "lightning_modules.semise", str(folder), f"--seed_everything={seed}",
+                    "--trainer.enable_progress_bar=false", *alpha], check=True)
+
+
+def logged(stage_folder: Path) -> list[dict]:
+    """Rows of the stage's run metrics.csv (the newest version)."""
+    (path,) = sorted(stage_folder.glob("*/version_*/metrics.csv"))[-1:]
+    return list(csv.DictReader(path.open(newline="")))
+
+
+def last_validation(stage_folder: Path, keys: tuple[str, ...]) -> dict[str, float]:
+    rows = [r for r in logged(stage_folder) if r.get(keys[0])]
+    return {k: float(rows[-1][k]) for k in keys}
+
+
+def curves(seeds: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for color, arm in zip(("C0", "C1", "C2"), ARMS):
+        for seed in seeds:
+            folder = OUT / f"{arm}_seed{seed}" / "segment"
+            if not folder.is_dir():
+                continue
+            points = [(int(r["step"]), 100 * float(r["val/dice/mean"])) for r in logged(folder) if r.get("val/dice/mean")]
+            ax.plot(*zip(*points), color=color, marker=".", lw=1, label=arm if seed == seeds[0] else None)
+    ax.set(xlabel="step", ylabel="val Dice % (mean of RV/Myo/LV)", title="SEMISE downstream segmentation, ACDC val")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "curves.png", dpi=110)
+
+
+def report(seeds: list[int]) -> None:
+    table = {}
+    for arm in ARMS:
+        for seed in seeds:
+            folder = OUT / f"{arm}_seed{seed}"
+            try:
+                table[arm, seed] = {**last_validation(folder / "classify", KEYS["classify"]),
+                                    **last_validation(folder / "segment", KEYS["segment"])}
+            except (ValueError, FileNotFoundError):
+                continue
+    print("| arm | seed | severity F1 | recall | MAE | seg Dice % |")
+    for (arm, seed), v in table.items():
+        print(f"| {arm} | {seed} | {v['val/f1']:.3f} | {v['val/recall']:.3f} | {v['val/mae']:.3f} | "
+              f"{100 * v['val/dice/mean']:.1f} |")
+    for arm in ARMS[1:]:
+        common = [s for s in seeds if (arm, s) in table and ("scratch", s) in table]
+        if common:
+            for key in ("val/f1", "val/dice/mean"):
+                d = [table[arm, s][key] - table["scratch", s][key] for s in common]
+                print(f"{arm} - scratch, {key}: per seed " + ", ".join(f"{x:+.3f}" for x in d)
+                      + f", mean {np.mean(d):+.3f}")
+    curves(seeds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if not args.report:
+        for seed in args.seeds:
+            for arm in args.arms:
+                run_arm(arm, seed)
+    report(args.seeds)
+
+
+if __name__ == "__main__":
+    main()
