@@ -326,6 +326,10 @@ def test_prepare_errors(raw, tmp_path, capsys):
     gt = raw_dir / "training" / "patient002" / "patient002_frame11_gt.nii.gz"
     gt.unlink()
     assert "patient002_frame11.nii.gz" in run_main(["acdc", str(raw_dir), out], capsys)
+    info = raw_dir / "training" / "patient001" / "Info.cfg"
+    info.write_text(info.read_text().replace("Group: DCM", "Group: NOR"))
+    assert f"{info} gives Group NOR, but ACDC's training set puts patient001 in the DCM block" in run_main(
+        ["acdc", str(raw_dir), out], capsys)
 
 
 def test_prepare_command_line_exit_code(tmp_path):

@@ -97,7 +97,21 @@ def _read_acdc_patient(folder: Path) -> _Patient:
             raise PrepareError(f"{folder / 'Info.cfg'} gives ED {info['ED']} and ES {info['ES']}, "
                                f"but the annotated frames there are {frames}")
         frames = [info["ED"], info["ES"]]
+    _check_group(folder, info)
     return _Patient(folder.name, folder, frames, info)
+
+
+def _check_group(folder: Path, info: dict) -> None:
+    """A training patient's Info.cfg Group must be its block's (001-020 DCM, ..., 081-100 RV): SEMISE's group table
+    (``datamodules.severity.acdc_group``) stands on that rule, since the SSL4MIS h5 files lost Info.cfg."""
+    from datamodules.severity import acdc_group
+
+    match = re.fullmatch(r"patient(\d{3})", folder.name)
+    if "Group" not in info or not match or not 1 <= int(match.group(1)) <= 100:
+        return
+    if info["Group"] != acdc_group(folder.name):
+        raise PrepareError(f"{folder / 'Info.cfg'} gives Group {info['Group']}, but ACDC's training set puts "
+                           f"{folder.name} in the {acdc_group(folder.name)} block (20 patients a group)")
 
 
 def _read_info_cfg(path: Path) -> dict:
