@@ -42,10 +42,10 @@ def last_checkpoint(run: Path) -> Path:
     return path
 
 
-def fit(out: Path, seed: int, stage1_epochs: int) -> Path:
+def fit(config: Path, out: Path, seed: int, stage1_epochs: int) -> Path:
     """Both legs of one seed's run (each skipped when done); returns the run folder."""
     run = out / f"seed{seed}"
-    common = [f"--config={CONFIG}", f"--data.init_args.root={ROOT}", f"--seed_everything={seed}",
+    common = [f"--config={config}", f"--data.init_args.root={ROOT}", f"--seed_everything={seed}",
               f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name=seed{seed}"]
     if not (run / "mil_teacher.ckpt").is_file():
         lemis("fit", *common, f"--trainer.max_epochs={stage1_epochs}")
@@ -121,12 +121,13 @@ def curves(runs: dict[int, Path], out: Path, stage1_epochs: int, first: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--out", type=Path, default=Path("runs/ikd_mil_glas"))
     parser.add_argument("--fit-only", action="store_true")
     args = parser.parse_args()
-    schedule = next(c["init_args"] for c in yaml.safe_load(CONFIG.read_text())["trainer"]["callbacks"]
+    schedule = next(c["init_args"] for c in yaml.safe_load(args.config.read_text())["trainer"]["callbacks"]
                     if c["class_path"].endswith("RoleReversal"))
-    runs = {seed: fit(args.out, seed, schedule["stage1_epochs"]) for seed in args.seeds}
+    runs = {seed: fit(args.config, args.out, seed, schedule["stage1_epochs"]) for seed in args.seeds}
     if args.fit_only:
         return
     rows = []

@@ -1,6 +1,8 @@
 """Diagnostic for ikd_mil_glas.md: why neither the MIL teacher nor its students beat "everything is gland".
 
     python docs/results/ikd_mil_glas_diagnostic.py [--out runs/ikd_mil_glas] [--seeds 1 2]
+    python docs/results/ikd_mil_glas_diagnostic.py --out runs/ikd_mil_glas64 --seeds 1 --crop 64 --stride 32 \
+        --scale 1 --sigma 1.5                                                       # the ikd_mil_cpu64.yaml run
 
 For each seed's MIL teacher (``mil_teacher.ckpt``, teacher slot) and final student (last ``net``):
 - on the training crops (64x64, as trained): the mean fused probability of positive and of negative bags, and the
@@ -52,7 +54,7 @@ def bag_means(net: VGGMIL, dm: GlaSDataModule) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def test_images(net: VGGMIL, dm: GlaSDataModule, stage: str = "test", scale: float = 0.5, sigma: float = 0.75):
+def test_images(net: VGGMIL, dm: GlaSDataModule, stage: str, scale: float, sigma: float):
     """(probability [H, W], mask [H, W]) of every image of ``stage`` (testA; val), with the run's inference rule."""
     from lightning_modules.ikd_mil import IKDMIL
 
@@ -67,11 +69,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("runs/ikd_mil_glas"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--stride", type=int, default=64)
+    parser.add_argument("--scale", type=float, default=0.5)
+    parser.add_argument("--sigma", type=float, default=0.75)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dm = GlaSDataModule(root=ROOT, patch_size=(64, 64))
+    dm = GlaSDataModule(root=ROOT, patch_size=(64, 64), crop_size=args.crop, crop_stride=args.stride)
     for stage in ("val", "test"):
-        masks = [m for _, m in test_images(VGGMIL(in_channels=3), dm, stage)]
+        masks = [m for _, m in test_images(VGGMIL(in_channels=3), dm, stage, args.scale, args.sigma)]
         allfg = np.mean([f1_iou(np.ones_like(m), m)[0] for m in masks])
         print(f"{stage}: true gland share {np.mean([m.mean() for m in masks]):.3f}; every pixel gland: F1 {allfg:.3f}")
     for seed in args.seeds:
@@ -83,7 +89,7 @@ def main() -> None:
             means, bags = bag_means(net, dm)
             right = np.mean((means >= 0.5) == bags)
             shares, aucs = [], []
-            for p, m in test_images(net, dm):
+            for p, m in test_images(net, dm, "test", args.scale, args.sigma):
                 shares.append((p >= 0.5).mean())
                 aucs.append(auc(p.ravel(), m.ravel()))
             print(f"seed {seed} {label}: bag mean p pos {means[bags].mean():.3f} neg {means[~bags].mean():.3f}, "
