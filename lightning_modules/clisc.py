@@ -792,9 +792,13 @@ class UNetOptions:
     channels: list = dataclasses.field(default_factory=lambda: [16, 32, 64, 128, 256])
     dropout: float = 0.3
     seed: int = 2023
+    infer: str = "resize"
     device: str = "cpu"
 
     def __post_init__(self):
+        if self.infer not in ("resize", "sliding"):
+            raise ConfigError(f"unet:--infer={self.infer}: expected resize (the code: the whole volume at crop^3) or "
+                              f"sliding (crop^3 windows at native resolution, half overlap).")
         if len(self.channels) < 2 or not all(isinstance(c, int) and c > 0 for c in self.channels):
             raise ConfigError(f"unet:--channels={self.channels}: expected two or more positive ints, like "
                               f"[16,32,64,128,256].")
@@ -879,12 +883,22 @@ def train_unet(images: list[np.ndarray], labels: list[np.ndarray], o: UNetOption
 
 
 @torch.no_grad()
-def predict_volume(net: nn.Module, volume: np.ndarray, crop: int, device: str = "cpu") -> np.ndarray:
-    """(D, H, W) -> bool (D, H, W): the volume resized nearest to crop^3 (scipy zoom, order 0, as the code), the
-    argmax of the net, resized nearest back. ``mode="nearest"``: with the code's default (constant 0) a last index
-    mapped a rounding error past the edge reads 0, blanking the last slice of an axis."""
+def predict_volume(net: nn.Module, volume: np.ndarray, crop: int, device: str = "cpu", infer: str = "resize"
+                   ) -> np.ndarray:
+    """(D, H, W) -> bool (D, H, W). ``resize`` (the code): the volume resized nearest to crop^3 (scipy zoom, order 0),
+    the argmax of the net, resized nearest back; ``mode="nearest"``: with the code's default (constant 0) a last
+    index mapped a rounding error past the edge reads 0, blanking the last slice of an axis. It matches training
+    only when crop^3 is about the brain's size (128 for BraTS); a smaller crop trains at native resolution, which
+    ``sliding`` keeps (MONAI's sliding window, crop^3 windows, half overlap, Gaussian blending)."""
+    net.eval()
+    if infer == "sliding":
+        from monai.inferers import sliding_window_inference
+
+        x = torch.from_numpy(np.ascontiguousarray(volume))[None, None].to(device)
+        logits = sliding_window_inference(x, (crop,) * 3, 1, net, overlap=0.5, mode="gaussian")
+        return logits.argmax(1)[0].cpu().numpy().astype(bool)
     small = ndimage.zoom(volume, [crop / s for s in volume.shape], order=0, mode="nearest")
-    classes = net.eval()(torch.from_numpy(small)[None, None].to(device)).argmax(1)[0].cpu().numpy().astype(np.uint8)
+    classes = net(torch.from_numpy(small)[None, None].to(device)).argmax(1)[0].cpu().numpy().astype(np.uint8)
     out = ndimage.zoom(classes, [s / crop for s in volume.shape], order=0, mode="nearest")
     assert out.shape == volume.shape, (out.shape, volume.shape)
     return out.astype(bool)
@@ -899,7 +913,8 @@ def unet_round(folder: Path, flairs: dict[str, Flair], labels: dict[str, np.ndar
     save_weights(folder / "unet.pt", net)
     write_json(folder / "history.json", {"cases": list(labels), "epochs": history})
     for case, flair in flairs.items():
-        write_mask(folder / "masks" / f"{case}.nii.gz", predict_volume(net, flair.volume, o.crop, o.device), flair)
+        write_mask(folder / "masks" / f"{case}.nii.gz", predict_volume(net, flair.volume, o.crop, o.device, o.infer),
+                   flair)
     write_json(folder / "timings.json", {"train_s": round(trained - start, 3),
                                          "predict_s": round(time.time() - trained, 3)})
 

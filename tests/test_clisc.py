@@ -166,6 +166,8 @@ def test_inference_resizes_nearest_and_back():
     volume[:, :10] = 1
     out = clisc.predict_volume(Threshold(), volume, 16)
     assert out.shape == volume.shape and out.dtype == bool and np.array_equal(out, volume > 0)
+    sliding = clisc.predict_volume(Threshold(), volume, 8, infer="sliding")  # windows smaller than the volume
+    assert sliding.shape == volume.shape and np.array_equal(sliding, volume > 0)
 
 
 def test_unet_and_s3f_options():
