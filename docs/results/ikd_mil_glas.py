@@ -9,8 +9,9 @@ scored on testA by ``lemis test`` (the run's own config; each set copied into ``
 - MIL teacher: the best stage-1 weights by validation F1 (the teacher of the switch);
 - distilled student: the best student by validation F1 before the reversal (the teacher of the final checkpoint:
   ``teacher_from: best``);
-- after reversal: the best student by validation F1 after the reversal (RoleReversal's state in the final checkpoint),
-  and the last student weights.
+- after reversal (best): RoleReversal's best-student record in the final checkpoint, the best student by validation
+  F1 over all of stage 2 (the record is not reset at a reversal, so it may be the pre-reversal student);
+- after reversal (last): the student's last weights.
 Writes ``<out>/scores.csv`` (seed, weights, f1, iou, dice_pixel, hd_cv) and ``<out>/curves.png`` (validation F1 per
 epoch), and prints the table with paired differences per seed.
 """
