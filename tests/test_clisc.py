@@ -463,6 +463,7 @@ def test_sam_vit_b_backend_prompts_with_points_and_caches_by_checkpoint(tmp_path
     code's 9 points passed with each box, embeddings cached under the backend and the file's digest, and a cached
     rerun gives the same mask."""
     from lightning_modules.nets import sam_vit_b
+    from lightning_modules.nets.lite_medsam import file_sha256
     from tests.test_sam_vit_b import TINY, tiny_net
 
     path = tmp_path / "sam_tiny.pth"
@@ -486,12 +487,6 @@ def test_sam_vit_b_backend_prompts_with_points_and_caches_by_checkpoint(tmp_path
     assert boxes[1] == [4, 6, 13, 15]  # cols 6..11, rows 8..13, dilated by 2
     assert all(len(p) == 2 and p[0][0].shape == (9, 2) and list(p[0][1]) == [1] * 5 + [0] * 4 for p in seen)
     (cached,) = (tmp_path / "cache").glob("c1.sam_vit_b.*.pt")
-    assert cached.name == f"c1.sam_vit_b.{clisc_digest(path)[:16]}.pt"
+    assert cached.name == f"c1.sam_vit_b.{file_sha256(path)[:16]}.pt"
     again, _ = clisc.sam_case(sam, tmp_path / "cache", "c1", flair, prior, margin=2)
     assert np.array_equal(mask, again)
-
-
-def clisc_digest(path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
