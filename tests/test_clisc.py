@@ -170,6 +170,28 @@ def test_inference_resizes_nearest_and_back():
     assert sliding.shape == volume.shape and np.array_equal(sliding, volume > 0)
 
 
+def test_train_input_resize_feeds_the_whole_volume_at_crop_size(monkeypatch):
+    seen = []
+    real = clisc.rot_flip
+
+    def recording(image, label, rng):
+        seen.append((image, label))
+        return real(image, label, rng)
+
+    monkeypatch.setattr(clisc, "rot_flip", recording)
+    volume = np.zeros((12, 20, 28), np.float32)
+    volume[:, :10] = 1  # the first half of axis 1
+    label = volume > 0
+    o = clisc.UNetOptions(crop=8, epochs=1, batch=2, channels=[2, 4], train_input="resize", infer="resize")
+    clisc.train_unet([volume, volume], [label, label], o)
+    assert len(seen) == 2
+    for image, mask in seen:  # nearest resize to 8^3: the first 4 of 8 rows along axis 1 stay foreground
+        assert image.shape == mask.shape == (8, 8, 8) and mask.dtype == bool
+        assert mask[:, :4].all() and not mask[:, 4:].any() and np.array_equal(image > 0, mask)
+    # scipy's zoom maps corner onto corner: output i reads input round(i (4 - 1) / (2 - 1))
+    assert clisc.resize_nearest(np.arange(4.0).reshape(1, 1, 4), (1, 1, 2)).tolist() == [[[0.0, 3.0]]]
+
+
 def test_unet_and_s3f_options():
     o = clisc.stage_options(clisc.split_overrides(["unet:--channels=[2,4,4]", "unet:--crop=16", "--device=cpu",
                                                   "s3f:--keep_ratio=0.6"], clisc.STAGES))
@@ -177,7 +199,8 @@ def test_unet_and_s3f_options():
     assert o["s3f"].keep_ratio == 0.6 and o["s3f"].margin == 0 and o["sam"].margin == 10
     assert o["unet"].device == o["s3f"].device == "cpu"
     for bad in (["unet:--channels=16"], ["unet:--channels=[2,4.5]"], ["unet:--crop=20"], ["unet:--crop=4",
-                "unet:--channels=[2,4,4]"], ["s3f:--keep_ratio=0"], ["s3f:--epochs=2"]):
+                "unet:--channels=[2,4,4]"], ["s3f:--keep_ratio=0"], ["s3f:--epochs=2"], ["unet:--train_input=whole"],
+                ["unet:--train_input=resize", "unet:--infer=sliding"]):
         with pytest.raises(ConfigError):
             clisc.stage_options(clisc.split_overrides(bad, clisc.STAGES))
 
