@@ -2,12 +2,13 @@
 patients of experiments/acdc/semise_classify.yaml only), each scored on val.list:
 - ``scratch``: semise_classify.yaml and semise_segment.yaml from random weights;
 - ``simclr``: the SEMISE chain with alpha = 1 (NT-Xent only), its encoder loaded into both downstream nets;
-- ``semise``: the SEMISE chain as configured (alpha 0.5: NT-Xent + margin + rank).
+- ``semise``: the SEMISE chain as configured (alpha 0.5: NT-Xent + margin + rank);
+and for each arm a linear probe (semise_classify.yaml with the arm's encoder frozen; scratch: the random encoder).
 
     python docs/results/semise_acdc.py --seeds 1 [--arms scratch simclr semise]   # runs what is missing
     python docs/results/semise_acdc.py --seeds 1 2 --report                        # table + curves only
 
-Runs live in ``runs/semise_acdc/<arm>_seed<S>/{pretrain,classify,segment}`` (a stage with a ``DONE`` marker, or a
+Runs live in ``runs/semise_acdc/<arm>_seed<S>/{pretrain,classify,segment,probe}`` (a stage with a ``DONE`` marker, or a
 chain stage with its manifest, is skipped). The report takes the last validation of each run: severity macro F1,
 macro recall, MAE over the validation patients, segmentation mean Dice over classes and cases, and draws the
 segmentation validation curves (``runs/semise_acdc/curves.png``).
@@ -25,22 +26,35 @@ import numpy as np
 OUT = Path("runs/semise_acdc")
 CONFIGS = {"classify": "experiments/acdc/semise_classify.yaml", "segment": "experiments/acdc/semise_segment.yaml"}
 ARMS = ("scratch", "simclr", "semise")
-KEYS = {"classify": ("val/f1", "val/recall", "val/mae"), "segment": ("val/dice/mean",)}
+CONFUSION = tuple(f"val/confusion/{t}{p}" for t in range(3) for p in range(3))  # true grade t, predicted p
+KEYS = {"classify": ("val/f1", "val/recall", "val/mae", "val/maee", *CONFUSION),
+        "segment": ("val/dice/mean", "val/dice/RV", "val/dice/Myo", "val/dice/LV")}
+
+
+def fit(config: str, folder: Path, seed: int, *overrides: str) -> None:
+    """``lemis fit`` of one config into ``folder``, skipped when its ``DONE`` marker is there."""
+    if not (folder / "DONE").is_file():
+        subprocess.run([sys.executable, "-m", "experiments", "fit", "--config", config, f"--seed_everything={seed}",
+                        f"--trainer.logger.init_args.save_dir={folder}", "--trainer.enable_progress_bar=false",
+                        *overrides], check=True)
+        (folder / "DONE").touch()
 
 
 def run_arm(arm: str, seed: int) -> None:
+    """The arm's classify and segment runs, then its linear probe (``probe``: the classifier with the encoder frozen;
+    scratch's encoder is the random one)."""
     folder = OUT / f"{arm}_seed{seed}"
     if arm == "scratch":
         for stage, config in CONFIGS.items():
-            if not (folder / stage / "DONE").is_file():
-                subprocess.run([sys.executable, "-m", "experiments", "fit", "--config", config, f"--seed_everything={seed}",
-                                f"--trainer.logger.init_args.save_dir={folder / stage}",
-                                "--trainer.enable_progress_bar=false"], check=True)
-                (folder / stage / "DONE").touch()
-        return
-    alpha = ["pretrain:--model.init_args.alpha=1.0"] if arm == "simclr" else []
-    subprocess.run([sys.executable, "-m", "lightning_modules.semise", str(folder), f"--seed_everything={seed}",
-                    "--trainer.enable_progress_bar=false", *alpha], check=True)
+            fit(config, folder / stage, seed)
+        encoder = []
+    else:
+        alpha = ["pretrain:--model.init_args.alpha=1.0"] if arm == "simclr" else []
+        subprocess.run([sys.executable, "-m", "lightning_modules.semise", str(folder), f"--seed_everything={seed}",
+                        "--trainer.enable_progress_bar=false", *alpha], check=True)
+        encoder = [f"--model.init_args.init_weights.path={folder / 'pretrain' / 'encoder.pt'}",
+                   "--model.init_args.init_weights.into=encoder"]
+    fit(CONFIGS["classify"], folder / "probe", seed, "--model.init_args.freeze_encoder=true", *encoder)
 
 
 def logged(stage_folder: Path) -> list[dict]:
@@ -52,6 +66,38 @@ def logged(stage_folder: Path) -> list[dict]:
 def last_validation(stage_folder: Path, keys: tuple[str, ...]) -> dict[str, float]:
     rows = [r for r in logged(stage_folder) if r.get(keys[0])]
     return {k: float(rows[-1][k]) for k in keys}
+
+
+def case_dice(stage_folder: Path) -> dict[str, float]:
+    """Mean Dice over the classes of each validation case at the run's last validation (its per_case_val.csv)."""
+    (path,) = sorted(stage_folder.glob("*/version_*/per_case_val.csv"))[-1:]
+    rows = list(csv.DictReader(path.open(newline="")))
+    last = max(int(r["step"]) for r in rows)
+    cases: dict[str, list[float]] = {}
+    for r in rows:
+        if int(r["step"]) == last:
+            cases.setdefault(r["case"], []).append(float(r["dice"]))
+    return {case: float(np.mean(v)) for case, v in cases.items()}
+
+
+def paired(arm: str, seeds: list[int]) -> None:
+    """Per-case segmentation Dice of ``arm`` minus scratch's on the same seed: mean +- standard error over all
+    (seed, case) pairs, and how many pairs ``arm`` wins."""
+    d = []
+    for seed in seeds:
+        try:
+            a, b = (case_dice(OUT / f"{x}_seed{seed}" / "segment") for x in (arm, "scratch"))
+        except (ValueError, FileNotFoundError):
+            continue
+        d += [a[c] - b[c] for c in sorted(a.keys() & b.keys())]
+    if d:
+        print(f"{arm} - scratch, per-case seg Dice: {100 * np.mean(d):+.1f} +- {100 * np.std(d, ddof=1) / np.sqrt(len(d)):.1f}"
+              f" (points, n={len(d)}), {sum(x > 0 for x in d)}/{len(d)} cases better")
+
+
+def confusion(v: dict[str, float]) -> str:
+    """The 3x3 validation confusion matrix, rows (true grade) separated by slashes."""
+    return " / ".join(" ".join(str(int(v[f"val/confusion/{t}{p}"])) for p in range(3)) for t in range(3))
 
 
 def curves(seeds: list[int]) -> None:
@@ -84,10 +130,27 @@ def report(seeds: list[int]) -> None:
                                     **last_validation(folder / "segment", KEYS["segment"])}
             except (ValueError, FileNotFoundError):
                 continue
-    print("| arm | seed | severity F1 | recall | MAE | seg Dice % |")
+    print("| arm | seed | severity F1 | recall | MAE | MAEE | confusion (rows: true 0/1/2) | seg Dice % | RV | Myo | LV |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (arm, seed), v in table.items():
-        print(f"| {arm} | {seed} | {v['val/f1']:.3f} | {v['val/recall']:.3f} | {v['val/mae']:.3f} | "
-              f"{100 * v['val/dice/mean']:.1f} |")
+        print(f"| {arm} | {seed} | {v['val/f1']:.3f} | {v['val/recall']:.3f} | {v['val/mae']:.3f} | {v['val/maee']:.3f} | "
+              f"{confusion(v)} | " + " | ".join(f"{100 * v[k]:.1f}" for k in KEYS["segment"]) + " |")
+    print("| linear probe | seed | severity F1 | recall | MAE | MAEE | confusion (rows: true 0/1/2) |")
+    print("|---|---|---|---|---|---|---|")
+    for arm in ARMS:
+        for seed in seeds:
+            try:
+                v = last_validation(OUT / f"{arm}_seed{seed}" / "probe", KEYS["classify"])
+            except (ValueError, FileNotFoundError):
+                continue
+                print(f"| {arm} | {seed} | {v['val/f1']:.3f} | {v['val/recall']:.3f} | {v['val/mae']:.3f} | "
+                  f"{v['val/maee']:.3f} | {confusion(v)} |")
+    for arm in ARMS:
+        rows = [v for (a, _), v in table.items() if a == arm]
+        if rows:
+            print(f"{arm}, mean +- std over {len(rows)} seeds: " + ", ".join(
+                f"{k.removeprefix('val/')} {np.mean([r[k] for r in rows]):.3f} +- {np.std([r[k] for r in rows], ddof=1) if len(rows) > 1 else 0:.3f}"
+                for k in ("val/f1", "val/recall", "val/mae", "val/dice/mean")))
     for arm in ARMS[1:]:
         common = [s for s in seeds if (arm, s) in table and ("scratch", s) in table]
         if common:
@@ -95,6 +158,7 @@ def report(seeds: list[int]) -> None:
                 d = [table[arm, s][key] - table["scratch", s][key] for s in common]
                 print(f"{arm} - scratch, {key}: per seed " + ", ".join(f"{x:+.3f}" for x in d)
                       + f", mean {np.mean(d):+.3f}")
+        paired(arm, seeds)
     curves(seeds)
 
 
