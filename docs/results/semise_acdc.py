@@ -110,9 +110,13 @@ def curves(seeds: list[int]) -> None:
     for color, arm in zip(("C0", "C1", "C2"), ARMS):
         for seed in seeds:
             folder = OUT / f"{arm}_seed{seed}" / "segment"
-            if not folder.is_dir():
+            try:
+                points = [(int(r["step"]), 100 * float(r["val/dice/mean"])) for r in logged(folder)
+                          if r.get("val/dice/mean")]
+            except (ValueError, FileNotFoundError):  # not run or not logged yet
                 continue
-            points = [(int(r["step"]), 100 * float(r["val/dice/mean"])) for r in logged(folder) if r.get("val/dice/mean")]
+            if not points:
+                continue
             ax.plot(*zip(*points), color=color, marker=".", lw=1, label=arm if seed == seeds[0] else None)
     ax.set(xlabel="step", ylabel="val Dice % (mean of RV/Myo/LV)", title="SEMISE downstream segmentation, ACDC val")
     ax.legend()
