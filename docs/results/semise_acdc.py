@@ -98,6 +98,23 @@ def paired(arm: str, seeds: list[int]) -> None:
               f" (points, n={len(d)}), {sum(x > 0 for x in d)}/{len(d)} cases better")
 
 
+def patient_grades(stage_folder: Path) -> str:
+    """``<patient><group>:t<true grade>p<predicted grade>`` per validation patient at the classifier's last validation
+    (predicted = argmax of the mean of its frames' probabilities; groups by ACDC's blocks of 20)."""
+    from datamodules.severity import GROUPS
+
+    (path,) = sorted(stage_folder.glob("*/version_*/per_case_val.csv"))[-1:]
+    rows = list(csv.DictReader(path.open(newline="")))
+    last = max(int(r["step"]) for r in rows)
+    patients: dict[str, tuple[int, list]] = {}
+    for r in rows:
+        if int(r["step"]) == last:
+            probs = [float(v) for k, v in r.items() if k.startswith("prob/")]
+            patients.setdefault(r["patient"], (int(r["target"]), []))[1].append(probs)
+    return " ".join(f"{p[-3:]}{GROUPS[(int(p[-3:]) - 1) // 20]}:t{t}p{int(np.argmax(np.mean(probs, axis=0)))}"
+                    for p, (t, probs) in sorted(patients.items()))
+
+
 def confusion(v: dict[str, float]) -> str:
     """The 3x3 validation confusion matrix, rows (true grade) separated by slashes."""
     return " / ".join(" ".join(str(int(v[f"val/confusion/{t}{p}"])) for p in range(3)) for t in range(3))
@@ -152,6 +169,12 @@ def report(seeds: list[int]) -> None:
                 continue
             print(f"| {arm} | {seed} | {v['val/f1']:.3f} | {v['val/recall']:.3f} | {v['val/mae']:.3f} | "
                   f"{v['val/maee']:.3f} | {confusion(v)} |")
+    for arm in ARMS:
+        for seed in seeds:
+            try:
+                print(f"{arm} seed {seed}, per validation patient: " + patient_grades(OUT / f"{arm}_seed{seed}" / "classify"))
+            except (ValueError, FileNotFoundError):
+                continue
     for arm in ARMS[1:]:
         for seed in seeds:
             try:
