@@ -83,18 +83,18 @@ def case_dice(stage_folder: Path) -> dict[str, float]:
     return {case: float(np.mean(v)) for case, v in cases.items()}
 
 
-def paired(arm: str, seeds: list[int]) -> None:
-    """Per-case segmentation Dice of ``arm`` minus scratch's on the same seed: mean +- standard error over all
+def paired(arm: str, seeds: list[int], base: str = "scratch") -> None:
+    """Per-case segmentation Dice of ``arm`` minus ``base``'s on the same seed: mean +- standard error over all
     (seed, case) pairs, and how many pairs ``arm`` wins."""
     d = []
     for seed in seeds:
         try:
-            a, b = (case_dice(OUT / f"{x}_seed{seed}" / "segment") for x in (arm, "scratch"))
+            a, b = (case_dice(OUT / f"{x}_seed{seed}" / "segment") for x in (arm, base))
         except (ValueError, FileNotFoundError):
             continue
         d += [a[c] - b[c] for c in sorted(a.keys() & b.keys())]
     if d:
-        print(f"{arm} - scratch, per-case seg Dice: {100 * np.mean(d):+.1f} +- {100 * np.std(d, ddof=1) / np.sqrt(len(d)):.1f}"
+        print(f"{arm} - {base}, per-case seg Dice: {100 * np.mean(d):+.1f} +- {100 * np.std(d, ddof=1) / np.sqrt(len(d)):.1f}"
               f" (points, n={len(d)}), {sum(x > 0 for x in d)}/{len(d)} cases better")
 
 
@@ -198,6 +198,16 @@ def report(seeds: list[int]) -> None:
                 print(f"{arm} - scratch, {key}: per seed " + ", ".join(f"{x:+.3f}" for x in d)
                       + f", mean {np.mean(d):+.3f}")
         paired(arm, seeds)
+    paired("semise", seeds, base="simclr")
+    for arm in ARMS:
+        for seed in seeds:
+            try:
+                curve = [f"{100 * float(r['val/dice/mean']):.1f}" for r in logged(OUT / f"{arm}_seed{seed}" / "segment")
+                         if r.get("val/dice/mean")]
+            except (ValueError, FileNotFoundError):
+                continue
+            print(f"{arm} seed {seed}, segmentation val Dice every 100 steps: " + ", ".join(curve)
+                  + f" (mean of the last 4, the plateau: {np.mean([float(x) for x in curve[-4:]]):.1f})")
     curves(seeds)
 
 
