@@ -7,6 +7,7 @@ and for each arm a linear probe (semise_classify.yaml with the arm's encoder fro
 
     python docs/results/semise_acdc.py --seeds 1 [--arms scratch simclr semise]   # runs what is missing
     python docs/results/semise_acdc.py --seeds 1 2 --report                        # table + curves only
+    python docs/results/semise_acdc.py --seeds 1 --ablation only_margin            # SEMISE with one supervised term
 
 Runs live in ``runs/semise_acdc/<arm>_seed<S>/{pretrain,classify,segment,probe}`` (a stage with a ``DONE`` marker, or a
 chain stage with its manifest, is skipped). The report takes the last validation of each run: severity macro F1,
@@ -26,6 +27,8 @@ import numpy as np
 OUT = Path("runs/semise_acdc")
 CONFIGS = {"classify": "experiments/acdc/semise_classify.yaml", "segment": "experiments/acdc/semise_segment.yaml"}
 ARMS = ("scratch", "simclr", "semise")
+# SEMISE with one supervised term (--ablation): segmentation only, so the chain's classifier gets 1 epoch
+ABLATIONS = {"only_margin": "pretrain:--model.init_args.w_rank=0", "only_rank": "pretrain:--model.init_args.w_margin=0"}
 CONFUSION = tuple(f"val/confusion/{t}{p}" for t in range(3) for p in range(3))  # true grade t, predicted p
 KEYS = {"classify": ("val/f1", "val/recall", "val/mae", "val/maee", *CONFUSION),
         "segment": ("val/dice/mean", "val/dice/RV", "val/dice/Myo", "val/dice/LV")}
@@ -52,6 +55,12 @@ def run_arm(arm: str, seed: int) -> None:
                         "--trainer.enable_progress_bar=false", *alpha], check=True)
 
 
+def run_ablation(name: str, seed: int) -> None:
+    subprocess.run([sys.executable, "-m", "lightning_modules.semise", str(OUT / f"{name}_seed{seed}"),
+                    f"--seed_everything={seed}", "--trainer.enable_progress_bar=false", ABLATIONS[name],
+                    "classify:--trainer.max_epochs=1"], check=True)
+
+
 def run_probe(arm: str, seed: int) -> None:
     """The arm's linear probe: the classifier with the encoder frozen (scratch's encoder is the random one)."""
     folder = OUT / f"{arm}_seed{seed}"
@@ -64,6 +73,14 @@ def logged(stage_folder: Path) -> list[dict]:
     """Rows of the stage's run metrics.csv (the newest version)."""
     (path,) = sorted(stage_folder.glob("*/version_*/metrics.csv"))[-1:]
     return list(csv.DictReader(path.open(newline="")))
+
+
+def logged_values(stage_folder: Path, key: str) -> list[float]:
+    """Every logged value of ``key`` in the stage's run, [] when the stage has not run or logged yet."""
+    try:
+        return [float(r[key]) for r in logged(stage_folder) if r.get(key)]
+    except (ValueError, FileNotFoundError):
+        return []
 
 
 def last_validation(stage_folder: Path, keys: tuple[str, ...]) -> dict[str, float]:
@@ -177,13 +194,9 @@ def report(seeds: list[int]) -> None:
                 continue
     for arm in ARMS[1:]:
         for seed in seeds:
-            try:
-                accuracy = [f"{float(r['val/rank_accuracy']):.3f}" for r in logged(OUT / f"{arm}_seed{seed}" / "pretrain")
-                            if r.get("val/rank_accuracy")]
-            except (ValueError, FileNotFoundError):
-                continue
-            print(f"{arm} seed {seed}, pre-training val rank accuracy (validation patient pairs) per validation: "
-                  + ", ".join(accuracy))
+            if accuracy := logged_values(OUT / f"{arm}_seed{seed}" / "pretrain", "val/rank_accuracy"):
+                print(f"{arm} seed {seed}, pre-training val rank accuracy (validation patient pairs) per validation: "
+                      + ", ".join(f"{x:.3f}" for x in accuracy))
     for arm in ARMS:
         rows = [v for (a, _), v in table.items() if a == arm]
         if rows:
@@ -199,15 +212,14 @@ def report(seeds: list[int]) -> None:
                       + f", mean {np.mean(d):+.3f}")
         paired(arm, seeds)
     paired("semise", seeds, base="simclr")
-    for arm in ARMS:
+    for arm in (*ARMS, *ABLATIONS):
         for seed in seeds:
-            try:
-                curve = [f"{100 * float(r['val/dice/mean']):.1f}" for r in logged(OUT / f"{arm}_seed{seed}" / "segment")
-                         if r.get("val/dice/mean")]
-            except (ValueError, FileNotFoundError):
-                continue
-            print(f"{arm} seed {seed}, segmentation val Dice every 100 steps: " + ", ".join(curve)
-                  + f" (mean of the last 4, the plateau: {np.mean([float(x) for x in curve[-4:]]):.1f})")
+            if curve := [100 * x for x in logged_values(OUT / f"{arm}_seed{seed}" / "segment", "val/dice/mean")]:
+                print(f"{arm} seed {seed}, segmentation val Dice every 100 steps: " + ", ".join(f"{x:.1f}" for x in curve)
+                      + f" (mean of the last 4, the plateau: {np.mean(curve[-4:]):.1f})")
+    for arm in ABLATIONS:
+        for base in ("scratch", "semise"):
+            paired(arm, seeds, base)
     curves(seeds)
 
 
@@ -216,8 +228,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--ablation", choices=ABLATIONS, help="run this SEMISE ablation for --seeds, then report")
     args = parser.parse_args()
-    if not args.report:
+    if args.ablation:
+        for seed in args.seeds:
+            run_ablation(args.ablation, seed)
+    elif not args.report:
         for seed in args.seeds:
             for arm in args.arms:
                 run_arm(arm, seed)
