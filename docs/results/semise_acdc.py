@@ -88,15 +88,19 @@ def last_validation(stage_folder: Path, keys: tuple[str, ...]) -> dict[str, floa
     return {k: float(rows[-1][k]) for k in keys}
 
 
-def case_dice(stage_folder: Path) -> dict[str, float]:
-    """Mean Dice over the classes of each validation case at the run's last validation (its per_case_val.csv)."""
+def last_case_rows(stage_folder: Path) -> list[dict]:
+    """The rows of the run's per_case_val.csv at its last validation step."""
     (path,) = sorted(stage_folder.glob("*/version_*/per_case_val.csv"))[-1:]
     rows = list(csv.DictReader(path.open(newline="")))
     last = max(int(r["step"]) for r in rows)
+    return [r for r in rows if int(r["step"]) == last]
+
+
+def case_dice(stage_folder: Path) -> dict[str, float]:
+    """Mean Dice over the classes of each validation case at the run's last validation (its per_case_val.csv)."""
     cases: dict[str, list[float]] = {}
-    for r in rows:
-        if int(r["step"]) == last:
-            cases.setdefault(r["case"], []).append(float(r["dice"]))
+    for r in last_case_rows(stage_folder):
+        cases.setdefault(r["case"], []).append(float(r["dice"]))
     return {case: float(np.mean(v)) for case, v in cases.items()}
 
 
@@ -120,14 +124,10 @@ def patient_grades(stage_folder: Path) -> str:
     (predicted = argmax of the mean of its frames' probabilities; groups by ACDC's blocks of 20)."""
     from datamodules.severity import GROUPS
 
-    (path,) = sorted(stage_folder.glob("*/version_*/per_case_val.csv"))[-1:]
-    rows = list(csv.DictReader(path.open(newline="")))
-    last = max(int(r["step"]) for r in rows)
     patients: dict[str, tuple[int, list]] = {}
-    for r in rows:
-        if int(r["step"]) == last:
-            probs = [float(v) for k, v in r.items() if k.startswith("prob/")]
-            patients.setdefault(r["patient"], (int(r["target"]), []))[1].append(probs)
+    for r in last_case_rows(stage_folder):
+        probs = [float(v) for k, v in r.items() if k.startswith("prob/")]
+        patients.setdefault(r["patient"], (int(r["target"]), []))[1].append(probs)
     return " ".join(f"{p[-3:]}{GROUPS[(int(p[-3:]) - 1) // 20]}:t{t}p{int(np.argmax(np.mean(probs, axis=0)))}"
                     for p, (t, probs) in sorted(patients.items()))
 
